@@ -8,6 +8,18 @@ Kinds:
 * ``abs``   -- max |got - ref| <= value
 * ``exact`` -- arrays identical (integer outputs: token ids, positions, bits, grids)
 * ``u8``    -- uint8 images: max |got - ref| <= value grey levels
+* ``bf16ca`` -- Infinity bit logits (see below): at least 99% of elements within the float32
+  bound, and every element within half a bf16 ulp of the output scale (2**-9 relative).
+
+Why Infinity bit logits get ``bf16ca``: upstream rounds the cross-attention q, k, v and output to
+bfloat16 even in its float32 mode (FACTS §5.4), and the port reproduces that rounding. A float32
+value that lands within one float32 ulp of a bf16 rounding boundary rounds the other way when its
+float32 computation is summed in a different order (different BLAS), which moves that element by
+a full bf16 ulp (2**-8 relative). So a handful of logits differ by up to ~2e-4 of the logit scale
+while the rest match to ~1e-6; perturbing our own input by 1e-7 relative reproduces exactly this
+spread (tests/test_infinity.py::test_bf16_rounding_sensitivity). The check stays strict for the
+bulk (a real bug moves far more than 1% of the elements), the bits chosen from these logits must
+still agree wherever the reference margin exceeds the tolerance, and the losses stay at ``rel``.
 """
 
 from __future__ import annotations
@@ -34,7 +46,10 @@ TOLERANCES: dict[str, tuple[str, float]] = {
     # bf16 weights): bf16 has an 8-bit mantissa, i.e. 2**-8 = 3.9e-3 relative per rounding;
     # after a few layers of accumulation we allow 4 ulps of the output scale.
     "bf16": ("rel", 4 * 2.0**-8),
+    # Infinity bit logits downstream of upstream's bf16 cross-attention rounding (see above)
+    "bit_logits": ("bf16ca", 2.0**-9),
 }
+BF16CA_STRICT_FRACTION = 0.99
 
 
 @dataclass
@@ -56,15 +71,19 @@ def compare(name: str, got, ref, tol: str = "fp32", note: str = "") -> Check:
         return Check(name, float("inf"), value, False, kind, f"shape {g.shape} != ref {r.shape}")
     if g.size == 0:
         return Check(name, 0.0, value, True, kind, note)
-    err = float(np.max(np.abs(g.astype(np.float64) - r.astype(np.float64))))
+    diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+    err = float(np.max(diff))
+    scale = max(float(np.max(np.abs(r.astype(np.float64)))), 1.0)
     if kind == "exact":
-        bound = 0.0
-    elif kind == "rel":
-        bound = value * max(float(np.max(np.abs(r.astype(np.float64)))), 1.0)
-    else:
-        bound = value
-    ok = err <= bound if kind != "exact" else bool(np.array_equal(g, r))
-    return Check(name, err, bound, bool(ok), kind, note)
+        return Check(name, err, 0.0, bool(np.array_equal(g, r)), kind, note)
+    if kind == "bf16ca":
+        bound = value * scale
+        frac = float(np.mean(diff <= FP32_REL * scale))
+        ok = err <= bound and frac >= BF16CA_STRICT_FRACTION
+        note = (note + "; " if note else "") + f"{100 * frac:.2f}% within fp32 bound {FP32_REL * scale:.2g}"
+        return Check(name, err, bound, bool(ok), kind, note)
+    bound = value * scale if kind == "rel" else value
+    return Check(name, err, bound, bool(err <= bound), kind, note)
 
 
 def bits_agree_where_confident(name: str, got_logits, ref_logits, ref_bits) -> Check:

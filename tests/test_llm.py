@@ -1,0 +1,180 @@
+"""Parity of the Qwen2 language model, its M-RoPE position ids and the text decoding loop."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from tests.conftest import sub_weights
+from vargpt_mlx.models import qwen2
+from vargpt_mlx.models.qwen2 import Qwen2Model, make_attention_mask
+from vargpt_mlx.models.rope_index import get_rope_index, plain_position_ids
+from vargpt_mlx.text_generation import hf_logits_processors, stream_generate
+from vargpt_mlx.tolerances import compare
+
+
+@pytest.fixture(scope="module")
+def llm(config, raw_weights):
+    model = Qwen2Model(config.llm)
+    model.load_weights(list(qwen2.sanitize(sub_weights(raw_weights, "model")).items()), strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lm_head(config, raw_weights):
+    head = nn.Linear(config.llm.hidden_size, config.llm.vocab_size, bias=False)
+    head.load_weights([("weight", raw_weights["lm_head.weight"])], strict=True)
+    return head
+
+
+def rope_index(config, refs, prefix, grid=None):
+    t = config.tokens
+    return get_rope_index(refs[f"{prefix}.input_ids"], grid, refs.get(f"{prefix}.attention_mask"),
+                          image_token_id=t.image_token_id, video_token_id=t.video_token_id,
+                          vision_start_token_id=t.vision_start_token_id,
+                          spatial_merge_size=config.vision.spatial_merge_size)
+
+
+def und_embeds(llm, config, refs):
+    """Prompt embeddings with the reference vision features written into the image pad slots."""
+    ids = refs["und.input_ids"]
+    slots = np.flatnonzero(ids[0] == config.tokens.image_token_id)
+    embeds = llm.embed(mx.array(ids))
+    embeds[0, mx.array(slots)] = mx.array(refs["und.vision_embeds"])
+    return embeds
+
+
+def assert_ok(check):
+    assert check.ok, check
+
+
+# ----------------------------------------------------------------------------- position ids
+def test_rope_index_image(config, refs):
+    pos, deltas = rope_index(config, refs, "und", refs["und.image_grid_thw"])
+    assert_ok(compare("und.position_ids", pos, refs["und.position_ids"], tol="exact"))
+    assert_ok(compare("und.rope_deltas", deltas, refs["und.rope_deltas"], tol="exact"))
+
+
+def test_rope_index_text(config, refs):
+    pos, deltas = rope_index(config, refs, "txt")
+    assert_ok(compare("txt.position_ids", pos, refs["txt.position_ids"], tol="exact"))
+    assert_ok(compare("txt.rope_deltas", deltas, refs["txt.rope_deltas"], tol="exact"))
+
+
+def test_rope_index_padding(config):
+    """Masked slots get position 1; text resumes after an image block at max + 1."""
+    t = config.tokens
+    ids = np.array([[5, 6, t.vision_start_token_id] + [t.image_token_id] * 4 + [t.vision_end_token_id, 7],
+                    [0, 0, 5, 6, 7, 8, 9, 10, 11]])
+    mask = np.array([[1] * 9, [0, 0] + [1] * 7])
+    kw = dict(image_token_id=t.image_token_id, video_token_id=t.video_token_id,
+              vision_start_token_id=t.vision_start_token_id)
+    pos, deltas = get_rope_index(ids, np.array([[1, 4, 4]]), mask, **kw)
+    np.testing.assert_array_equal(pos[:, 0], [[0, 1, 2, 3, 3, 3, 3, 5, 6],
+                                              [0, 1, 2, 3, 3, 4, 4, 5, 6],
+                                              [0, 1, 2, 3, 4, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(pos[:, 1], np.broadcast_to([1, 1, 0, 1, 2, 3, 4, 5, 6], (3, 9)))
+    np.testing.assert_array_equal(deltas, [[-2], [-2]])
+    pos, deltas = get_rope_index(ids[1:], None, mask[1:], **kw)
+    np.testing.assert_array_equal(pos[:, 0], np.broadcast_to([1, 1, 0, 1, 2, 3, 4, 5, 6], (3, 9)))
+    np.testing.assert_array_equal(deltas, [[-2]])
+    np.testing.assert_array_equal(plain_position_ids(2, 3, offset=4)[:, 1], [[4, 5, 6]] * 3)
+
+
+# ----------------------------------------------------------------------------- forward logits
+def test_logits_mrope(llm, lm_head, config, refs):
+    pos, _ = rope_index(config, refs, "und", refs["und.image_grid_thw"])
+    logits = lm_head(llm(und_embeds(llm, config, refs), mx.array(pos, dtype=mx.int32)))
+    assert_ok(compare("und.logits_mrope", logits, refs["und.logits_mrope"]))
+
+
+def test_logits_plainpos(llm, lm_head, config, refs):
+    L = refs["und.input_ids"].shape[1]
+    logits = lm_head(llm(und_embeds(llm, config, refs), mx.array(plain_position_ids(1, L), dtype=mx.int32)))
+    assert_ok(compare("und.logits_plainpos", logits, refs["und.logits_plainpos"]))
+
+
+def test_logits_text(llm, lm_head, refs):
+    ids = refs["txt.input_ids"]
+    pos = mx.array(plain_position_ids(*ids.shape), dtype=mx.int32)
+    logits = lm_head(llm(llm.embed(mx.array(ids)), pos))
+    assert_ok(compare("txt.logits", logits, refs["txt.logits"]))
+
+
+def test_cache_and_padding_mask_match_full_forward(llm, refs):
+    """Prefill + one-token steps with a KV cache, and a left-padded batch, equal the full forward."""
+    ids = mx.array(refs["txt.input_ids"])
+    L = ids.shape[1]
+    embeds = llm.embed(ids)
+
+    def run(start, stop, cache=None):
+        pos = mx.array(plain_position_ids(1, stop - start, start), dtype=mx.int32)
+        return llm(embeds[:, start:stop], pos, cache=cache)
+
+    full = run(0, L)
+    cache = llm.make_cache()
+    stepped = mx.concatenate([run(0, L - 3, cache), run(L - 3, L - 1, cache), run(L - 1, L, cache)], axis=1)
+    assert_ok(compare("cached forward", stepped, full))
+
+    pad = 3
+    padded = mx.concatenate([mx.zeros((1, pad, embeds.shape[-1])), embeds], axis=1)
+    mask = mx.array([[0] * pad + [1] * L])
+    pos = mx.array(np.pad(plain_position_ids(1, L), ((0, 0), (0, 0), (pad, 0)), constant_values=1),
+                   dtype=mx.int32)
+    out = llm(padded, pos, mask=make_attention_mask(mask, L + pad))
+    assert_ok(compare("left-padded forward", out[:, pad:], full))
+
+
+# ----------------------------------------------------------------------------- decoding
+def run_generation(llm, lm_head, config, refs, prefix, embeds, grid=None, **kw):
+    pos, deltas = rope_index(config, refs, prefix, grid)
+    prompt = refs[f"{prefix}.input_ids"]
+    n_new = refs[f"{prefix}.gen_sequences"].shape[1] - prompt.shape[1]
+    steps = list(stream_generate(llm, lm_head, embeds, mx.array(pos), int(deltas[0, 0]), max_tokens=n_new,
+                                 prompt_ids=prompt[0].tolist(), **kw))
+    tokens = np.array([[t for t, _ in steps]])
+    return np.concatenate([prompt, tokens], axis=1), np.stack([np.array(l) for _, l in steps])
+
+
+def test_generate_und(llm, lm_head, config, refs):
+    seq, step_logits = run_generation(llm, lm_head, config, refs, "und", und_embeds(llm, config, refs),
+                                      refs["und.image_grid_thw"], eos_token_ids=(config.tokens.eos_token_id,))
+    assert_ok(compare("und.gen_sequences", seq, refs["und.gen_sequences"], tol="exact"))
+    assert_ok(compare("und.gen_step_logits", step_logits, refs["und.gen_step_logits"]))
+
+
+def test_generate_text(llm, lm_head, config, refs):
+    embeds = llm.embed(mx.array(refs["txt.input_ids"]))
+    seq, step_logits = run_generation(llm, lm_head, config, refs, "txt", embeds,
+                                      eos_token_ids=(config.tokens.eos_token_id,))
+    assert_ok(compare("txt.gen_sequences", seq, refs["txt.gen_sequences"], tol="exact"))
+    assert_ok(compare("txt.gen_step_logits", step_logits, refs["txt.gen_step_logits"]))
+
+
+def test_generate_repetition_penalty(llm, lm_head, config, refs):
+    t = config.tokens
+    seq, _ = run_generation(llm, lm_head, config, refs, "und", und_embeds(llm, config, refs),
+                            refs["und.image_grid_thw"], eos_token_ids=(t.eos_token_id, t.pad_token_id),
+                            repetition_penalty=1.05)
+    assert_ok(compare("und.gen_sequences_reppen", seq, refs["und.gen_sequences_reppen"], tol="exact"))
+
+
+def test_repetition_penalty_covers_whole_history():
+    """HF semantics: every token of the history (prompt included, however long) is penalised once."""
+    (processor,) = hf_logits_processors(repetition_penalty=2.0)
+    history = mx.array([0, 1, 1] + [3] * 100)
+    out = processor(history, mx.array([[1.0, -2.0, 3.0, 4.0]]))
+    np.testing.assert_allclose(np.array(out), [[0.5, -4.0, 3.0, 2.0]])
+
+
+def test_eos_stops_and_is_emitted(llm, lm_head, config, refs):
+    """Declaring the second greedy token an eos ends the stream right after emitting it."""
+    embeds = llm.embed(mx.array(refs["txt.input_ids"]))
+    pos, _ = rope_index(config, refs, "txt")
+    L = refs["txt.input_ids"].shape[1]
+    eos = int(refs["txt.gen_sequences"][0, L + 1])
+    tokens = [t for t, _ in stream_generate(llm, lm_head, embeds, mx.array(pos), 0, max_tokens=16,
+                                            eos_token_ids=(eos,))]
+    assert tokens == refs["txt.gen_sequences"][0, L: L + 2].tolist()

@@ -1,0 +1,129 @@
+"""Training forwards and losses, the same math as upstream's VARGPT-v1.1 SFT branch (FACTS §8).
+
+* ``t2i_sft_loss``: text cross-entropy + 3.0 x bit-label cross-entropy for a text-to-image sample.
+  Upstream's text CE trains on *every* token except ``<|image_gen_pad|>`` (system and user prompt
+  included: ``labels`` is only used as an "is not None" flag). ``text_loss="assistant"`` gives the
+  corrected variant that only counts the supervised (labels != -100) tokens.
+* ``und_sft_loss``: ordinary causal-LM CE on labels (mean over labels != -100), with image
+  features scattered in; plain positions by default, as upstream's training pipeline feeds it.
+
+Bitwise self-correction flips and condition dropout (random in upstream training) are off here;
+they are training-time augmentations to be added as options by the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..models import bsq
+from ..models.rope_index import get_rope_index, plain_position_ids
+from ..models.vargpt import VARGPT, embed_multimodal, scatter_rows
+
+IGNORE_INDEX = -100
+BIT_LOSS_WEIGHT = 3.0
+
+
+@dataclass
+class T2ILoss:
+    loss: mx.array
+    text_ce: mx.array
+    bit_ce: mx.array
+    bit_ce_weighted: mx.array
+    bit_logits: mx.array  # (B, L, 64)
+    gt_bits: mx.array  # (B, L, 32)
+    text_logits: mx.array  # (B, T, vocab)
+
+
+def scale_weights(schedule: list[tuple[int, int]]) -> mx.array:
+    """upstream reweight_loss_by_scale: sqrt(area_last)/sqrt(area_k) per token, normalised to 1."""
+    last = schedule[-1][0] * schedule[-1][1]
+    lw = np.concatenate([np.full(h * w, np.sqrt(last) / np.sqrt(h * w), dtype=np.float32) for h, w in schedule])
+    return mx.array(lw / lw.sum(dtype=np.float32))
+
+
+def masked_ce(logits: mx.array, targets: mx.array, ignore: mx.array) -> mx.array:
+    """Mean cross-entropy over positions where ``ignore`` is false (torch CE, reduction='mean')."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(ignore, 0, targets), reduction="none")
+    keep = (~ignore).astype(mx.float32)
+    return (ce * keep).sum() / keep.sum()
+
+
+def t2i_sft_loss(model: VARGPT, input_ids: mx.array, pixel_gen_values: mx.array,
+                 schedule: list[tuple[int, int]], labels: mx.array | None = None,
+                 text_loss: str = "upstream") -> T2ILoss:
+    """Upstream ``get_gen_loss_1_1`` for one text-to-image sample.
+
+    ``input_ids`` (1, T) holds ``<|image_gen_start|> <|image_gen_pad|> x N <|image_gen_end|>``;
+    ``pixel_gen_values`` (1, H, W, 3) in [-1, 1] at the schedule's pixel size.
+    """
+    tok = model.config.tokens
+    inf = model.vargpt_gen
+    # 1. ground-truth bits and teacher-forcing inputs from the VAE (flip strength 0)
+    feats = model.vae_local.encode_features(pixel_gen_values)
+    bits, x_wo_prefix, _ = bsq.encode_multiscale(feats, schedule)
+    gt = mx.concatenate([b.reshape(b.shape[0], -1, b.shape[-1]) for b in bits], axis=1)
+    # 2. Infinity-space inputs, zero-padded to the number of pad slots, projected into the LLM
+    sid = tok.image_gen_start_token_id
+    cond_BD = inf.condition(model.sos_embedding.weight[sid][None])
+    x_BLC = mx.concatenate([inf.sos_tokens(cond_BD), inf.word_embed(x_wo_prefix)], axis=1)
+    pad_mask = input_ids == tok.image_gen_pad_token_id
+    n_pad = int(pad_mask.sum().item())
+    L = x_BLC.shape[1]
+    if n_pad < L:
+        raise ValueError(f"sample has {n_pad} <|image_gen_pad|> slots, the schedule needs {L}")
+    x_BLC = mx.concatenate([x_BLC, mx.zeros((1, n_pad - L, x_BLC.shape[-1]), x_BLC.dtype)], axis=1)
+    x_SH = model.image_gen_projector(x_BLC)
+    embeds = scatter_rows(model.model.embed_tokens(input_ids), pad_mask, x_SH[0])
+    # 3. LLM forward, plain positions, token-causal
+    T = input_ids.shape[1]
+    hidden = model.model(embeds, mx.array(plain_position_ids(1, T)))
+    text_logits = model.lm_head(hidden)
+    # 4. Infinity on the pad-slot states, cross-attending to the prompt states
+    pad_idx = mx.array(np.nonzero(np.array(pad_mask[0]))[0])
+    inf_in = model.image_gen_projector_out(hidden[:, pad_idx])
+    start_pos = int(np.nonzero(np.array(input_ids[0]) == sid)[0][0])
+    ca_kv = model.image_gen_projector_out(hidden[0, :start_pos])
+    bit_logits = inf.forward_train(inf_in, cond_BD, [ca_kv], schedule)
+    # 5. losses
+    targets = input_ids[:, 1:]
+    if text_loss == "upstream":
+        ignore = targets == tok.image_gen_pad_token_id
+    elif text_loss == "assistant":
+        if labels is None:
+            raise ValueError("text_loss='assistant' needs labels")
+        ignore = (labels[:, 1:] == IGNORE_INDEX) | (targets == tok.image_gen_pad_token_id)
+    else:
+        raise ValueError(f"unknown text_loss {text_loss!r}")
+    text_ce = masked_ce(text_logits[:, :-1], targets, ignore)
+    B, Lb, _ = bit_logits.shape
+    bit_ce = nn.losses.cross_entropy(bit_logits.reshape(B, Lb, -1, 2), gt.astype(mx.int32), reduction="mean")
+    # upstream applies the per-scale weights to the already-reduced scalar: a no-op scaling by sum(lw)
+    bit_ce_weighted = (bit_ce * scale_weights(schedule)).sum()
+    loss = text_ce + BIT_LOSS_WEIGHT * bit_ce_weighted
+    return T2ILoss(loss, text_ce, bit_ce, bit_ce_weighted, bit_logits, gt, text_logits)
+
+
+def und_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array, pixel_values=None,
+                 image_grid_thw=None, mrope: bool = False) -> mx.array:
+    """Causal-LM CE on ``labels`` (shifted), image features scattered into the image pads.
+
+    ``mrope=False`` feeds plain 0..L-1 positions, as upstream training does.
+    """
+    tok = model.config.tokens
+    embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
+    B, T = input_ids.shape
+    if mrope:
+        pos, _ = get_rope_index(np.array(input_ids), image_grid_thw, None, image_token_id=tok.image_token_id,
+                                video_token_id=tok.video_token_id,
+                                vision_start_token_id=tok.vision_start_token_id,
+                                spatial_merge_size=model.config.vision.spatial_merge_size)
+    else:
+        pos = plain_position_ids(B, T)
+    hidden = model.model(embeds, mx.array(pos))
+    logits = model.lm_head(hidden)
+    targets = labels[:, 1:]
+    return masked_ce(logits[:, :-1], targets, targets == IGNORE_INDEX)
