@@ -82,16 +82,36 @@ def generate_image(
     *,
     pixel_values=None,
     image_grid_thw=None,
-    teacher_bits: list[mx.array] | None = None,
-    schedule: list[tuple[int, int]] | None = None,
-    trace: bool = False,
-    on_scale: Callable[[int, int], None] | None = None,
+    **kwargs,
 ) -> GenerationResult:
     """Generate one image for a prompt (token ids ending with ``<|im_start|>assistant\\n``).
 
+    Prefills the prompt plus ``<|image_gen_start|>`` and runs ``generate_from_prefill``
+    (see there for the keyword arguments).
+    """
+    cache, hidden = prefill_prompt(model, input_ids, pixel_values, image_grid_thw)
+    return generate_from_prefill(model, cache, hidden, settings, **kwargs)
+
+
+def generate_from_prefill(
+    model: VARGPT,
+    cache: list,
+    hidden: mx.array,
+    settings: GenerationSettings | None = None,
+    *,
+    schedule: list[tuple[int, int]] | None = None,
+    teacher_bits: list[mx.array] | None = None,
+    trace: bool = False,
+    on_scale: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Draw an image from an LLM state that has just consumed ``<|image_gen_start|>``.
+
+    ``cache``: the LLM KV cache holding the whole context up to and including the start token
+    (it grows by every scale's tokens). ``hidden`` (n + 1, H): final-norm hidden states of every
+    context token, the start token last (a chat session keeps these as it goes).
+    ``schedule``: explicit list of (h, w) scales (default: from ``settings.pn`` / ``aspect``).
     ``teacher_bits``: force these bits per scale (teacher forcing, used for parity checks).
     ``trace``: keep every per-scale tensor upstream's reference run records.
-    ``schedule``: explicit list of (h, w) scales (default: from ``settings.pn`` / ``aspect``).
     ``on_scale(k, n_scales)``: progress callback after each scale.
     """
     s = settings or GenerationSettings()
@@ -103,9 +123,12 @@ def generate_image(
     key = mx.random.key(s.seed)
     rec: dict[str, mx.array] = {}
 
-    cache, hidden = prefill_prompt(model, input_ids, pixel_values, image_grid_thw)
     prompt_hidden = hidden[:-1]  # cross-attention memory source: the start row is dropped
     n = prompt_hidden.shape[0]
+    if n > cfg.infinity.text_maxlen:
+        # the uncond memory is cfg_uncond[:n]; upstream crashes past its 512 rows
+        raise ValueError(f"the context is {n} tokens; image generation supports at most "
+                         f"{cfg.infinity.text_maxlen} (upstream limit of the unconditional memory)")
     ca_kv = [proj_out(prompt_hidden), inf.cfg_uncond[:n]]
     cond_BD = inf.condition(model.sos_rows())
     x = proj_in(inf.sos_tokens(cond_BD))  # (2, 1, H): cond and uncond differ at scale 0

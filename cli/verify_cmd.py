@@ -1,0 +1,42 @@
+"""``vargpt-mlx verify``: parity against upstream reference outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.app import app, err, fail, guarded, out
+
+
+@app.command()
+def verify(
+    model: Path = typer.Option(..., "--model", help="Upstream checkpoint directory."),
+    refs: Path = typer.Option(..., "--refs", help="Reference outputs (refs.json must lie beside it)."),
+):
+    """Compare a checkpoint with upstream PyTorch reference outputs, component by component."""
+    from vargpt_mlx.verify import Verifier, verify as run_verify
+
+    if not refs.is_file():
+        fail(f"refs file {refs} does not exist")
+
+    def run():
+        with err.status("verifying...") as status:
+            return run_verify(model, refs, on_family=lambda f: status.update(f"verifying {Verifier.FAMILIES[f]}..."))
+
+    results = guarded(run)
+    table = Table(title=f"parity: {model} vs {refs.name} (image generation teacher-forced)")
+    for col in ("component", "reference", "max abs err", "bound", "result", "note"):
+        table.add_column(col)
+    n_fail = 0
+    for fam, c in results:
+        n_fail += not c.ok
+        table.add_row(Verifier.FAMILIES[fam], c.name, f"{c.max_abs_err:.3g}", f"{c.bound:.3g}",
+                      "[green]pass[/]" if c.ok else "[red]FAIL[/]", c.note)
+    Console(width=max(out.width, 150)).print(table)
+    out.print(f"{len(results) - n_fail} passed, {n_fail} failed")
+    if n_fail or not results:
+        raise typer.Exit(1)
+
