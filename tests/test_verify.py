@@ -57,3 +57,14 @@ def test_verify_cli_bad_model_is_one_line_error(tmp_path):
     r = CliRunner().invoke(app, ["verify", "--model", str(tmp_path / "nope"), "--refs", str(REFS)])
     assert r.exit_code == 2
     assert "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_verify_bf16_checkpoint_against_bf16_refs():
+    """The bf16 checkpoint (as released upstream) against upstream's bf16 run, bf16 tolerances."""
+    results = verify(FIXTURES / "checkpoint_bf16", FIXTURES / "refs_bf16.safetensors")
+    failed = [c for _, c in results if not c.ok]
+    assert not failed, failed
+    compared = {c.name for _, c in results}
+    assert {"und.logits_mrope", "gen.s6.bit_logits_cfg", "gen.s6.bits", "gen.image_rgb_u8",
+            "sft_t2i.loss_total"} <= compared
+    assert all(c.kind in ("rel", "exact", "u8mean") for _, c in results)

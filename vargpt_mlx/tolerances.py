@@ -8,6 +8,7 @@ Kinds:
 * ``abs``   -- max |got - ref| <= value
 * ``exact`` -- arrays identical (integer outputs: token ids, positions, bits, grids)
 * ``u8``    -- uint8 images: max |got - ref| <= value grey levels
+* ``u8mean`` -- uint8 images: mean |got - ref| <= value grey levels (bf16 checkpoints)
 * ``bf16ca`` -- Infinity bit logits (see below): every element within half a bf16 ulp of the
   output scale (2**-9 relative), and the median element within the float32 bound.
 
@@ -44,10 +45,15 @@ TOLERANCES: dict[str, tuple[str, float]] = {
     "image_u8": ("u8", 1.0),
     # scalar training losses, float32
     "loss": ("rel", FP32_REL),
-    # bf16 checkpoint vs refs_bf16 (upstream computed in bf16, we compute in float32 from the
-    # bf16 weights): bf16 has an 8-bit mantissa, i.e. 2**-8 = 3.9e-3 relative per rounding;
-    # after a few layers of accumulation we allow 4 ulps of the output scale.
-    "bf16": ("rel", 4 * 2.0**-8),
+    # bf16 checkpoint vs refs_bf16 (upstream computed every op in bf16; we compute in float32
+    # from the same bf16 weights): bf16's machine epsilon is 2**-7, and upstream rounds after
+    # every op, so we allow 4 epsilons of the output scale (3.1%). Upstream's own bf16 logits
+    # differ from its float32 ones by 1.8% of the scale (fixtures/verify_report.json).
+    "bf16": ("rel", 4 * 2.0**-7),
+    # bf16 checkpoint, decoded image: upstream's bf16 VAE rounds after each of ~35 conv/norm
+    # layers, which moves isolated pixels by up to ~16 grey levels vs an exact decode of the
+    # same codes; we bound the mean absolute difference by 2 grey levels.
+    "bf16_image_u8": ("u8mean", 2.0),
     # Infinity bit logits downstream of upstream's bf16 cross-attention rounding (see above)
     "bit_logits": ("bf16ca", 2.0**-9),
 }
@@ -86,22 +92,26 @@ def compare(name: str, got, ref, tol: str = "fp32", note: str = "") -> Check:
         note = (note + "; " if note else "") + (f"median {median:.2g}, {100 * frac:.2f}% within "
                                                 f"fp32 bound {strict:.2g}")
         return Check(name, err, bound, bool(ok), kind, note)
+    if kind == "u8mean":
+        mean = float(np.mean(diff))
+        return Check(name, mean, value, bool(mean <= value), kind, f"mean abs (max {err:.3g})")
     bound = value * scale if kind == "rel" else value
     return Check(name, err, bound, bool(err <= bound), kind, note)
 
 
-def bits_agree_where_confident(name: str, got_logits, ref_logits, ref_bits) -> Check:
+def bits_agree_where_confident(name: str, got_logits, ref_logits, ref_bits, tol: str = "fp32") -> Check:
     """Bit choice from CFG'd bit logits ``(..., 2*d)`` vs reference bits ``(..., d)``.
 
-    Require the same argmax wherever the reference margin |l1 - l0| exceeds the float32 logit
-    tolerance; near-ties below it may legitimately flip. ``note`` records how many were exempt.
+    Require the same argmax wherever the reference margin |l1 - l0| exceeds twice the logit
+    tolerance ``tol`` (each of the two logits may be off by it); near-ties below it may
+    legitimately flip. ``note`` records how many were exempt.
     """
     g = np.asarray(got_logits, dtype=np.float64)
     r = np.asarray(ref_logits, dtype=np.float64)
     bits = np.asarray(ref_bits).reshape(-1)
     g = g.reshape(-1, 2)
     r = r.reshape(-1, 2)
-    tol = FP32_REL * max(float(np.abs(r).max()), 1.0)
+    tol = TOLERANCES[tol][1] * max(float(np.abs(r).max()), 1.0)
     margin = np.abs(r[:, 1] - r[:, 0])
     confident = margin > 2 * tol
     got_bits = (g[:, 1] > g[:, 0]).astype(np.uint8)
