@@ -7,6 +7,7 @@ import sys
 from cli import verify_cmd  # noqa: F401  (each module registers its commands on ``app``)
 from cli import convert_cmd  # noqa: F401
 from cli import generate_cmd  # noqa: F401
+from cli import train_cmd  # noqa: F401
 from cli import chat_cmd  # noqa: F401
 from cli.app import app
 

@@ -8,16 +8,17 @@ check behaviour, never quality.
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
 import mlx.core as mx
+
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import vargpt_mlx.chat as chat_mod
 from tests.conftest import CKPT, FIXTURES
 from vargpt_mlx.api import load
 from vargpt_mlx.chat import ChatError, ChatSession, ImageEvent, chat
@@ -26,6 +27,8 @@ from vargpt_mlx.models.rope_index import get_rope_index
 from vargpt_mlx.models.vargpt import embed_multimodal
 from vargpt_mlx.pipelines.image_generation import GenerationSettings
 from vargpt_mlx.tolerances import compare
+
+chat_mod = importlib.import_module("vargpt_mlx.chat")  # the module (the package exports the function `chat`)
 
 TINY_TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
 IMG_A = FIXTURES / "und_image_56x84.png"

@@ -127,3 +127,140 @@ def und_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array, pixel_val
     logits = model.lm_head(hidden)
     targets = labels[:, 1:]
     return masked_ce(logits[:, :-1], targets, targets == IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer building blocks (LoRA SFT / DPO). Same math as the functions above, with three
+# practical differences that leave the numbers unchanged:
+#   * ground-truth bits and teacher inputs come in precomputed (the VAE is frozen, so they are
+#     computed once per target image instead of every step);
+#   * ``lm_head`` runs only on the rows whose next token is a target (the vocabulary projection
+#     of 2,560 image-pad rows is never needed: upstream ignores those targets);
+#   * an edit sample's input images go through the vision tower (``embed_multimodal``).
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SampleLoss:
+    loss: mx.array  # scalar: text_ce (+ 3.0 x bit_ce_weighted for generation samples)
+    text_ce: mx.array
+    bit_ce: mx.array | None  # the weighted bit CE (upstream's value), None without image
+    bit_logits: mx.array | None  # (1, L, 64)
+
+
+def text_target_rows(input_ids: np.ndarray, labels: np.ndarray | None, image_gen_pad_id: int,
+                     text_loss: str = "upstream", has_image_gen: bool = False) -> np.ndarray:
+    """Rows p whose next token ``input_ids[p + 1]`` is a text-loss target.
+
+    ``upstream``: for generation samples every token except ``<|image_gen_pad|>`` (upstream
+    ``get_gen_loss_1_1`` ignores ``labels``); for understanding samples the labelled tokens.
+    ``assistant``: only labelled tokens (the assistant's answer), pads excluded.
+    """
+    ids = np.asarray(input_ids).reshape(-1)
+    targets = ids[1:]
+    if text_loss not in ("upstream", "assistant"):
+        raise ValueError(f"unknown text_loss {text_loss!r}")
+    keep = targets != image_gen_pad_id
+    if text_loss == "assistant" or not has_image_gen:
+        if labels is None:
+            raise ValueError("labels are needed for this text loss")
+        keep &= np.asarray(labels).reshape(-1)[1:] != IGNORE_INDEX
+    return np.nonzero(keep)[0]
+
+
+def gen_forward(model: VARGPT, input_ids: mx.array, x_wo_prefix: mx.array, schedule: list[tuple[int, int]],
+                pixel_values=None, image_grid_thw=None) -> tuple[mx.array, mx.array]:
+    """The training forward of ``t2i_sft_loss`` steps 2-4 on precomputed teacher inputs.
+
+    Returns ``(hidden (1, T, H), bit_logits (1, L, 64))``.
+    """
+    tok = model.config.tokens
+    inf = model.vargpt_gen
+    ids_np = np.asarray(input_ids)
+    sid = tok.image_gen_start_token_id
+    cond_BD = inf.condition(model.sos_embedding(mx.array([sid])))  # works for a quantized table too
+    x_BLC = mx.concatenate([inf.sos_tokens(cond_BD), inf.word_embed(x_wo_prefix.astype(cond_BD.dtype))], axis=1)
+    pad_mask = ids_np == tok.image_gen_pad_token_id
+    n_pad = int(pad_mask.sum())
+    L = x_BLC.shape[1]
+    if n_pad < L:
+        raise ValueError(f"sample has {n_pad} <|image_gen_pad|> slots, the schedule needs {L}")
+    x_BLC = mx.concatenate([x_BLC, mx.zeros((1, n_pad - L, x_BLC.shape[-1]), x_BLC.dtype)], axis=1)
+    x_SH = model.image_gen_projector(x_BLC)
+    embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
+    embeds = scatter_rows(embeds, mx.array(pad_mask), x_SH[0])
+    T = ids_np.shape[1]
+    hidden = model.model(embeds, mx.array(plain_position_ids(1, T)))
+    pad_idx = mx.array(np.nonzero(pad_mask[0])[0])
+    inf_in = model.image_gen_projector_out(hidden[:, pad_idx])
+    start_pos = int(np.nonzero(ids_np[0] == sid)[0][0])
+    ca_kv = model.image_gen_projector_out(hidden[0, :start_pos])
+    bit_logits = inf.forward_train(inf_in, cond_BD, [ca_kv], schedule)
+    return hidden, bit_logits
+
+
+def und_forward(model: VARGPT, input_ids: mx.array, pixel_values=None, image_grid_thw=None) -> mx.array:
+    """Hidden states (1, T, H) of an understanding sample, plain positions (upstream training)."""
+    embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
+    B, T = input_ids.shape
+    return model.model(embeds, mx.array(plain_position_ids(B, T)))
+
+
+def _row_logits(model: VARGPT, hidden: mx.array, rows: np.ndarray) -> mx.array:
+    return model.lm_head(hidden[0, mx.array(rows)]).astype(mx.float32)
+
+
+def sample_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array | np.ndarray, *,
+                    gt_bits: mx.array | None = None, x_wo_prefix: mx.array | None = None,
+                    schedule: list[tuple[int, int]] | None = None, pixel_values=None, image_grid_thw=None,
+                    text_loss: str = "upstream") -> SampleLoss:
+    """SFT loss of one sample: ``und_sft_loss`` without a generation target, else upstream's
+    ``text_ce + 3.0 x bit_ce`` (``t2i_sft_loss``) from precomputed GT bits / teacher inputs."""
+    tok = model.config.tokens
+    ids_np = np.asarray(input_ids)
+    is_gen = gt_bits is not None
+    rows = text_target_rows(ids_np, np.asarray(labels), tok.image_gen_pad_token_id, text_loss, is_gen)
+    if is_gen:
+        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw)
+    else:
+        hidden, bit_logits = und_forward(model, input_ids, pixel_values, image_grid_thw), None
+    targets = mx.array(ids_np[0, rows + 1])
+    text_ce = nn.losses.cross_entropy(_row_logits(model, hidden, rows), targets, reduction="mean")
+    if not is_gen:
+        return SampleLoss(text_ce, text_ce, None, None)
+    B, Lb, _ = bit_logits.shape
+    bit_ce = nn.losses.cross_entropy(bit_logits.astype(mx.float32).reshape(B, Lb, -1, 2), gt_bits.astype(mx.int32),
+                                     reduction="mean")
+    bit_ce_weighted = (bit_ce * scale_weights(schedule)).sum()
+    return SampleLoss(text_ce + BIT_LOSS_WEIGHT * bit_ce_weighted, text_ce, bit_ce_weighted, bit_logits)
+
+
+def bit_logprobs(bit_logits: mx.array, gt_bits: mx.array) -> mx.array:
+    """log p(gt bit) for every bit: (B, L, 32) from logits (B, L, 64) (columns 2j / 2j+1 = bit j
+    being 0 / 1)."""
+    B, L, _ = bit_logits.shape
+    logp = nn.log_softmax(bit_logits.astype(mx.float32).reshape(B, L, -1, 2), axis=-1)
+    return mx.take_along_axis(logp, gt_bits.astype(mx.int32)[..., None], axis=-1)[..., 0]
+
+
+def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.ndarray, *,
+                   gt_bits: mx.array | None = None, x_wo_prefix: mx.array | None = None,
+                   schedule: list[tuple[int, int]] | None = None, pixel_values=None,
+                   image_grid_thw=None) -> tuple[mx.array, int]:
+    """Teacher-forced log-probability of a sample's answer: the summed log-probs of its labelled
+    text tokens (``<|image_gen_pad|>`` excluded) plus, for a generation sample, of every GT bit
+    of the image. Returns ``(sum, number of terms)``."""
+    tok = model.config.tokens
+    ids_np = np.asarray(input_ids)
+    is_gen = gt_bits is not None
+    rows = text_target_rows(ids_np, np.asarray(labels), tok.image_gen_pad_token_id, "assistant", is_gen)
+    if is_gen:
+        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw)
+    else:
+        hidden = und_forward(model, input_ids, pixel_values, image_grid_thw)
+    logits = _row_logits(model, hidden, rows)
+    targets = mx.array(ids_np[0, rows + 1])
+    logp = (mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)).sum()
+    n = int(rows.shape[0])
+    if is_gen:
+        logp = logp + bit_logprobs(bit_logits, gt_bits).sum()
+        n += int(gt_bits.size)
+    return logp, n

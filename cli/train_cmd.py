@@ -1,0 +1,297 @@
+"""``vargpt-mlx train sft|dpo`` (LoRA fine-tuning) and ``vargpt-mlx fuse``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from cli.app import app, err, fail, guarded, out
+
+train_app = typer.Typer(no_args_is_help=True, help="Fine-tune with LoRA adapters (SFT or DPO).")
+app.add_typer(train_app, name="train")
+
+MODEL_HELP = "Model directory or Hugging Face repo id (default: $VARGPT_MODEL)."
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _model_arg(model: Optional[str]) -> str:
+    model = model or os.environ.get("VARGPT_MODEL")
+    if not model:
+        fail("no model given: pass --model or set VARGPT_MODEL")
+    return model
+
+
+def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Path, val_data: Optional[Path],
+         adapter_path: Path, resume: bool, overwrite: bool, explicit: dict, options: dict, pn: Optional[str],
+         gen_aspect: Optional[str]):
+    from vargpt_mlx.api import load
+    from vargpt_mlx.hub import resolve_model_path
+    from vargpt_mlx.image_processor import ImageProcessor
+    from vargpt_mlx.training import lora as lora_mod
+    from vargpt_mlx.training import run, trainer
+    from vargpt_mlx.training.data import file_digest
+
+    model = _model_arg(model)
+    defaults_args = trainer.TrainArgs()
+    defaults_lora = lora_mod.LoraConfig()
+    # options the user set explicitly (None = not given)
+    given = {k: v for k, v in explicit.items() if v is not None}
+    targets = tuple(t.strip() for t in given.pop("targets").split(",") if t.strip()) if "targets" in given else None
+    lora_kw = {"rank": given.get("lora_rank", defaults_lora.rank), "scale": given.get("lora_scale", defaults_lora.scale),
+               "dropout": given.get("lora_dropout", defaults_lora.dropout),
+               "num_layers": given.get("lora_layers", defaults_lora.num_layers),
+               "targets": targets or defaults_lora.targets, "mlp": given.get("lora_mlp", defaults_lora.mlp)}
+    lora_explicit = {f for f, o in (("rank", "lora_rank"), ("scale", "lora_scale"), ("dropout", "lora_dropout"),
+                                    ("num_layers", "lora_layers"), ("mlp", "lora_mlp")) if o in given}
+    if targets is not None:
+        lora_explicit.add("targets")
+    arg_kw = dict(options)
+    for k in ("batch_size", "grad_accum", "seed", "text_loss", "beta", "dpo_loss", "optimizer", "bit_flip"):
+        arg_kw[k] = given.get(k, getattr(defaults_args, k))
+    args = trainer.TrainArgs(**arg_kw)
+    lora_cfg = lora_mod.LoraConfig(**lora_kw)
+
+    def setup():
+        nonlocal args, lora_cfg
+        if resume and not run.has_checkpoint(adapter_path):
+            fail(f"--resume: no training checkpoint in {adapter_path}")
+        if not resume and run.has_checkpoint(adapter_path) and not overwrite:
+            fail(f"{adapter_path} already holds a training checkpoint; pass --resume to continue it "
+                 "or --overwrite to start over")
+        start = 0
+        if resume:
+            explicit_names = set(lora_explicit) | {k for k in given if k in run.FIXED_ON_RESUME}
+            args, lora_cfg, start = run.resume_settings(adapter_path, kind, args, lora_cfg, explicit_names)
+        for t in lora_cfg.targets:
+            lora_mod._stack_keys(t, lora_cfg.mlp)
+        path = resolve_model_path(model)
+        processor = ImageProcessor.from_dir(path)
+        with err.status("validating data..."):
+            validate = run.validate_sft if kind == "sft" else run.validate_preferences
+            records = validate(data, processor)
+            val_records = validate(val_data, processor) if val_data else None
+        err.print(f"data: {len(records)} records in {data}" + (f", {len(val_records)} in {val_data}" if val_records else ""),
+                  markup=False, highlight=False)
+        with err.status(f"loading {model}..."):
+            pipe = load(path, tokenizer=tokenizer)
+        return pipe, records, val_records, start
+
+    pipe, records, val_records, start = guarded(setup)
+    if resume:
+        err.print(f"resuming from step {start} of {adapter_path}")
+
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=False)
+
+    def prepare():
+        with progress:
+            t = progress.add_task("encoding targets", total=None, info="")
+
+            def on_progress(done, total):
+                progress.update(t, completed=done, total=total)
+
+            if kind == "sft":
+                task = run.sft_task(pipe, records, val_records, text_loss=args.text_loss, pn=pn,
+                                    gen_aspect=gen_aspect, on_progress=on_progress, bit_flip=args.bit_flip,
+                                    seed=args.seed)
+            else:
+                task = run.dpo_task(pipe, records, val_records, beta=args.beta, loss_type=args.dpo_loss, pn=pn,
+                                    gen_aspect=gen_aspect, on_progress=on_progress,
+                                    split_backward=args.grad_checkpoint)
+            if not progress.tasks[0].total:
+                progress.update(t, completed=1, total=1, info="none")
+            cfg = lora_mod.apply_lora(pipe.model, lora_cfg, seed=args.seed)
+            if kind == "dpo":
+                r = progress.add_task("reference log-probs", total=None, info="adapters disabled")
+                task.prepare_reference(pipe.model, lambda d, n: progress.update(r, completed=d, total=n))
+        return task, cfg
+
+    task, cfg = guarded(prepare)
+    from mlx.utils import tree_flatten
+
+    n_train = sum(v.size for _, v in tree_flatten(pipe.model.trainable_parameters()))
+    n_all = sum(v.size for _, v in tree_flatten(pipe.model.parameters()))
+    err.print(f"LoRA: rank {cfg.rank}, scale {cfg.scale}, {len(cfg.modules)} layers on {','.join(cfg.targets)}; "
+              f"trainable {n_train / 1e6:.3f}M of {n_all / 1e6:.1f}M parameters")
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    log_file = adapter_path / "train_log.jsonl"
+    if not resume and log_file.exists():
+        log_file.unlink()
+    elif resume and log_file.exists():  # drop the steps logged after the checkpoint (they are redone)
+        kept = [line for line in log_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start]
+        log_file.write_text("".join(line + "\n" for line in kept))
+    meta = {"kind": kind, "data": str(data), "data_digest": file_digest(data), "model": str(model),
+            "info": {"kind": kind, "data": str(data), "base_model": str(model)}}
+    if resume:
+        from vargpt_mlx.training.trainer import read_checkpoint
+
+        state, _, _ = read_checkpoint(adapter_path)
+        if state.get("data_digest") not in (None, meta["data_digest"]):
+            err.print(f"[yellow]warning:[/] {data} changed since the checkpoint was written")
+
+    train_progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{kind}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[info]}"), console=err)
+
+    def on_event(event, payload):
+        if event == "step":
+            s = payload
+            extra = " ".join(f"{k} {v:.3f}" for k, v in s.metrics.items())
+            train_progress.update(bar, completed=s.step, info=(
+                f"loss {s.loss:.4f} {extra} | {s.tokens_per_sec:,.0f} tok/s | peak {s.peak_memory_gb:.2f} GB | "
+                f"ETA {_fmt_time(s.eta)}"))
+            with open(log_file, "a") as f:
+                f.write(json.dumps({"step": s.step, "loss": s.loss, **s.metrics, "tokens_per_sec": s.tokens_per_sec,
+                                    "peak_memory_gb": s.peak_memory_gb, "time": time.time()}) + "\n")
+        elif event == "save":
+            train_progress.console.print(f"step {payload}: saved adapters to {adapter_path}")
+        elif event == "eval":
+            step, vals = payload
+            train_progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+
+    def do_train():
+        from vargpt_mlx.training.trainer import TrainingDiverged
+
+        try:
+            return trainer.train(pipe.model, task, args, adapter_path, cfg, resume=resume, meta=meta, report=on_event)
+        except TrainingDiverged as e:
+            train_progress.stop()
+            fail(str(e), 1)
+
+    with train_progress:
+        bar = train_progress.add_task(kind, total=args.iters, completed=start, info="")
+        result = guarded(do_train)
+    out.print(f"done: {result.steps} steps, final loss {result.last_loss:.4f}; adapters in {adapter_path}")
+
+
+def _common(kind: str, **kw):
+    explicit_keys = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_scale", "lora_dropout", "lora_layers",
+                     "targets", "lora_mlp", "optimizer", "text_loss", "beta", "dpo_loss", "bit_flip")
+    explicit = {k: kw.pop(k, None) for k in explicit_keys}
+    options = {"iters": kw.pop("iters"), "learning_rate": kw.pop("learning_rate"), "save_every": kw.pop("save_every"),
+               "steps_per_eval": kw.pop("steps_per_eval"), "val_batches": kw.pop("val_batches"),
+               "grad_checkpoint": kw.pop("grad_checkpoint"), "weight_decay": kw.pop("weight_decay")}
+    _run(kind, explicit=explicit, options=options, **kw)
+
+
+# typer options shared by both commands
+_O = typer.Option
+
+
+@train_app.command("sft")
+def sft(
+    data: Path = _O(..., "--data", help="Training data: sharegpt JSON (messages + images)."),
+    adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
+    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
+    val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
+    iters: int = _O(100, "--iters", help="Optimizer updates."),
+    batch_size: Optional[int] = _O(None, "--batch-size", help="Samples per micro-batch (default 1)."),
+    grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
+    learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
+    optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
+    weight_decay: float = _O(0.01, "--weight-decay", help="AdamW weight decay."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", help="Default 8."),
+    lora_scale: Optional[float] = _O(None, "--lora-scale", help="Default 20.0."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Default 0.0."),
+    lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
+    targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
+    lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
+    grad_checkpoint: bool = _O(False, "--grad-checkpoint",
+                               help="Save memory: recompute layers in backward, chunk long attention / MLPs."),
+    steps_per_eval: int = _O(200, "--steps-per-eval"),
+    val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
+    save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
+    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
+    overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
+    text_loss: Optional[str] = _O(None, "--text-loss",
+                                  help="upstream (t2i text CE counts prompt tokens, as upstream) or assistant (default upstream)."),
+    bit_flip: Optional[float] = _O(None, "--bit-flip",
+                                   help="Bitwise self-correction strength for image targets; upstream trains "
+                                        "with 0.3 (default 0: fixed targets)."),
+    pn: Optional[str] = _O(None, "--pn", help="Generation-target resolution (default: the model's)."),
+    gen_aspect: Optional[str] = _O(None, "--gen-aspect",
+                                   help="Aspect of generation targets, e.g. 1:1 (default: nearest to each image)."),
+):
+    """LoRA supervised fine-tuning (text CE + 3.0 x bit CE for image targets)."""
+    if text_loss is not None and text_loss not in ("upstream", "assistant"):
+        fail(f"--text-loss must be upstream or assistant, not {text_loss!r}")
+    if bit_flip is not None and not 0.0 <= bit_flip <= 1.0:
+        fail("--bit-flip must be in [0, 1]")
+    _common("sft", **locals())
+
+
+@train_app.command("dpo")
+def dpo(
+    data: Path = _O(..., "--data", help="Preference data: prompt/messages + chosen + rejected."),
+    adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
+    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
+    val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
+    beta: Optional[float] = _O(None, "--beta", help="Default 0.1."),
+    dpo_loss: Optional[str] = _O(None, "--loss", help="sigmoid or ipo (default sigmoid)."),
+    iters: int = _O(100, "--iters", help="Optimizer updates."),
+    batch_size: Optional[int] = _O(None, "--batch-size", help="Pairs per micro-batch (default 1)."),
+    grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
+    learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
+    optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
+    weight_decay: float = _O(0.01, "--weight-decay", help="AdamW weight decay."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", help="Default 8."),
+    lora_scale: Optional[float] = _O(None, "--lora-scale", help="Default 20.0."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Default 0.0."),
+    lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
+    targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
+    lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
+    grad_checkpoint: bool = _O(False, "--grad-checkpoint",
+                               help="Save memory: recompute layers in backward, chunk long attention / MLPs, "
+                                    "back-propagate one response at a time."),
+    steps_per_eval: int = _O(200, "--steps-per-eval"),
+    val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
+    save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
+    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
+    overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
+    pn: Optional[str] = _O(None, "--pn", help="Image resolution of image preferences (default: the model's)."),
+    gen_aspect: Optional[str] = _O(None, "--gen-aspect", help="Aspect of image preferences (default: nearest)."),
+):
+    """LoRA DPO: reference = the base with adapters disabled (log-probs computed once)."""
+    if dpo_loss is not None and dpo_loss not in ("sigmoid", "ipo"):
+        fail(f"--loss must be sigmoid or ipo, not {dpo_loss!r}")
+    if beta is not None and not beta > 0:
+        fail("--beta must be > 0")
+    _common("dpo", text_loss=None, bit_flip=None, **locals())
+
+
+@app.command()
+def fuse(
+    adapter_path: Path = _O(..., "--adapter-path", help="Adapters written by `train`."),
+    output: Path = _O(..., "-o", "--output", help="Output model directory."),
+    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer files to copy (when the model has none)."),
+    de_quantize: bool = _O(False, "--de-quantize", help="Write a float model even if the base is quantized."),
+    force: bool = _O(False, "--force", help="Replace an existing output directory."),
+):
+    """Merge LoRA adapters into the base weights: a standalone MLX model directory."""
+    from vargpt_mlx.hub import resolve_model_path
+    from vargpt_mlx.training.fuse import fuse_to_dir
+
+    model = _model_arg(model)
+
+    def run():
+        with err.status(f"fusing {adapter_path} into {model}..."):
+            return fuse_to_dir(resolve_model_path(model), adapter_path, output, de_quantize=de_quantize,
+                               tokenizer_dir=tokenizer, force=force)
+
+    path = guarded(run)
+    out.print(f"fused model written to {path}")

@@ -1,0 +1,429 @@
+"""The LoRA training loop (SFT and DPO): batches, gradient accumulation, evaluation,
+atomic resumable checkpoints, divergence guard, progress events.
+
+Checkpoint layout in the adapter directory:
+
+* ``checkpoint.safetensors``: adapter weights (``adapter.*``), optimizer state (``optimizer.*``)
+  and, in its metadata, the step, seed, LoRA config and training arguments. It is the one file a
+  resume reads, written atomically (temp file + ``os.replace``), so a run killed at any moment
+  resumes from its last save and loses at most ``save_every`` steps.
+* ``adapters.safetensors`` + ``adapter_config.json``: the adapters for inference
+  (``--adapter-path``), rewritten atomically after every checkpoint.
+
+Determinism: the samples of step s are a function of (seed, s) alone (an epoch-wise permutation
+seeded by (seed, epoch)), LoRA ``lora_a`` is initialised from ``seed``, and when LoRA dropout is on
+MLX's generator is reseeded with (seed, step) before each step; so a resumed run computes the same
+updates as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from .lora import LoraConfig, adapter_weights, save_adapters, save_safetensors_atomic
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN / inf; the last good checkpoint is kept."""
+
+
+class CheckpointMismatch(ValueError):
+    """A resume whose checkpoint does not fit the requested run."""
+
+
+@dataclass
+class TrainArgs:
+    iters: int = 100  # optimizer updates
+    batch_size: int = 1  # samples (SFT) or pairs (DPO) per micro-batch
+    grad_accum: int = 1  # micro-batches per update
+    learning_rate: float = 1e-5
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.01  # adamw only
+    save_every: int = 100
+    steps_per_eval: int = 200
+    val_batches: int = -1  # -1: the whole validation set
+    seed: int = 0
+    grad_checkpoint: bool = False
+    text_loss: str = "upstream"  # SFT: upstream | assistant
+    bit_flip: float = 0.0  # SFT: bitwise self-correction strength (upstream trains with 0.3)
+    beta: float = 0.1  # DPO
+    dpo_loss: str = "sigmoid"  # DPO: sigmoid | ipo
+
+
+class Task(Protocol):
+    """What the loop trains: ``n_train`` items, a differentiable batch loss, an evaluation."""
+
+    n_train: int
+    n_val: int
+
+    def batch_loss(self, model, idxs: list[int]) -> tuple[mx.array, dict[str, mx.array]]: ...
+
+    def num_tokens(self, idxs: list[int]) -> int: ...
+
+    def evaluate(self, model, limit: int) -> dict[str, float]: ...
+
+
+# -------------------------------------------------------------------------- batching
+def sample_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(seed: int, n: int, step: int, micro: int, batch_size: int, accum: int) -> list[int]:
+    """Items of micro-batch ``micro`` of update ``step``: consecutive slots of the per-epoch
+    permutations, a pure function of its arguments (resumable without RNG state)."""
+    start = (step * accum + micro) * batch_size
+    out = []
+    for p in range(start, start + batch_size):
+        epoch, i = divmod(p, n)
+        out.append(int(sample_order(seed, epoch, n)[i]))
+    return out
+
+
+# -------------------------------------------------------------------------- checkpointing
+def _split_args(obj, arrays: list):
+    """Separate the float arrays of a call's arguments (checkpoint inputs) from the rest."""
+    if isinstance(obj, mx.array):
+        if mx.issubdtype(obj.dtype, mx.floating):
+            arrays.append(obj)
+            return ("a", len(arrays) - 1)
+        return ("c", obj)
+    if isinstance(obj, (tuple, list)):
+        return ("s", type(obj), [_split_args(o, arrays) for o in obj])
+    if isinstance(obj, dict):
+        return ("d", {k: _split_args(v, arrays) for k, v in obj.items()})
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ("D", type(obj), {f.name: _split_args(getattr(obj, f.name), arrays) for f in dataclasses.fields(obj)})
+    return ("c", obj)
+
+
+def _join_args(spec, arrays):
+    kind = spec[0]
+    if kind == "a":
+        return arrays[spec[1]]
+    if kind == "s":
+        return spec[1](_join_args(s, arrays) for s in spec[2])
+    if kind == "d":
+        return {k: _join_args(v, arrays) for k, v in spec[1].items()}
+    if kind == "D":
+        return spec[1](**{k: _join_args(v, arrays) for k, v in spec[2].items()})
+    return spec[1]
+
+
+def _chunked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, chunk: int) -> mx.array:
+    """Attention over query chunks, each recomputed in the backward pass (``mx.checkpoint``): the
+    (heads x L x L) score / probability tensors of a long sequence never exist at once.
+
+    ``mask``: ``"causal"`` (chunk rows attend to keys up to their own position) or an additive /
+    boolean array broadcastable to (B, heads, L, L) (sliced per chunk)."""
+    L = q.shape[2]
+
+    def attend(qc, kc, vc, *m):
+        return mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=scale, mask=m[0] if m else "causal")
+
+    attend = mx.checkpoint(attend)
+    outs = []
+    for s in range(0, L, chunk):
+        e = min(s + chunk, L)
+        if isinstance(mask, str):  # causal: keys 0..e-1, bottom-right aligned
+            outs.append(attend(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+        else:
+            outs.append(attend(q[:, :, s:e], k, v, mask[..., s:e, :]))
+    return mx.concatenate(outs, axis=2)
+
+
+def _qwen_attention_call(self, x, cos, sin, mask=None, cache=None, *, _base, _chunk):
+    """``qwen2.Attention.__call__`` with query-chunked attention for long uncached causal inputs."""
+    from ..models.qwen2 import apply_rotary
+
+    B, L, _ = x.shape
+    if cache is not None or L <= _chunk or mask != "causal":
+        return _base(self, x, cos, sin, mask, cache)
+    q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+    k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = _chunked(q, k, v, self.scale, "causal", _chunk)
+    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _infinity_attention_call(self, x, cos, sin, mask=None, cache=None, *, _base, _chunk):
+    """``infinity.SelfAttention.__call__`` with query-chunked attention in training (no cache)."""
+    from ..models.infinity import MAX_SCALE_MUL, _apply_rope_interleaved, _l2_normalize
+
+    B, L, C = x.shape
+    if cache is not None or L <= _chunk or mask is None:
+        return _base(self, x, cos, sin, mask, cache)
+    bias = mx.concatenate([self.q_bias, mx.zeros_like(self.q_bias), self.v_bias])
+    qkv = (self.mat_qkv(x) + bias).reshape(B, L, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    q = _l2_normalize(q) * mx.exp(mx.minimum(self.scale_mul_1H11, MAX_SCALE_MUL))
+    k = _l2_normalize(k)
+    q, k = _apply_rope_interleaved(q, cos, sin), _apply_rope_interleaved(k, cos, sin)
+    out = _chunked(q, k, v, 1.0, mask, _chunk)
+    return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, C))
+
+
+def _bind(fn, base, chunk: int):
+    def call(self, *args, **kwargs):
+        return fn(self, *args, _base=base, _chunk=chunk, **kwargs)
+    return call
+
+
+def _swap_attention(instances, fn, chunk: int) -> None:
+    made: dict[type, type] = {}
+    for obj in instances:
+        cls = type(obj)
+        if getattr(cls, "_chunked_attention", False):
+            continue
+        if cls not in made:
+            made[cls] = type(f"Chunked{cls.__name__}", (cls,),
+                             {"__call__": _bind(fn, cls.__call__, chunk), "_chunked_attention": True})
+        obj.__class__ = made[cls]
+
+
+def _token_chunked_call(self, x, *, _base, _chunk):
+    """A token-wise module (MLP / FFN) over sequence chunks, each recomputed in the backward."""
+    L = x.shape[1]
+    if L <= _chunk:
+        return _base(self, x)
+
+    def inner(params, xc):
+        self.update(params)
+        return _base(self, xc)
+
+    f = mx.checkpoint(inner)
+    params = self.trainable_parameters()
+    return mx.concatenate([f(params, x[:, s:s + _chunk]) for s in range(0, L, _chunk)], axis=1)
+
+
+def enable_chunked_attention(model, chunk: int = 512) -> None:
+    """Query-chunked, recomputed self-attention for the LLM layers and Infinity blocks, and
+    token-chunked, recomputed MLPs / FFNs (training forwards only: cached inference calls take the
+    original path). Same results up to float rounding; a long sequence's attention memory falls
+    from O(L^2) to O(chunk x L) per head and the MLP's from O(L x 4H) to O(chunk x 4H)."""
+    _swap_attention([layer.self_attn for layer in model.model.layers], _qwen_attention_call, chunk)
+    _swap_attention([b.sa for b in model.vargpt_gen.blocks], _infinity_attention_call, chunk)
+    _swap_attention([layer.mlp for layer in model.model.layers], _token_chunked_call, chunk)
+    _swap_attention([b.ffn for b in model.vargpt_gen.blocks], _token_chunked_call, chunk)
+
+
+def enable_grad_checkpoint(model, attn_chunk: int = 512) -> int:
+    """Recompute each LLM layer / Infinity block / vision block in the backward pass instead of
+    keeping its activations (``mx.checkpoint``); with ``attn_chunk`` > 0 the long self-attentions
+    are also computed in recomputed query chunks (``enable_chunked_attention``). Only these
+    instances change (their class is swapped for a subclass); returns how many layers."""
+    if attn_chunk > 0:
+        enable_chunked_attention(model, attn_chunk)
+    layers = list(model.model.layers) + list(model.vargpt_gen.blocks) + list(model.visual.blocks)
+    made: dict[type, type] = {}
+    for layer in layers:
+        cls = type(layer)
+        if getattr(cls, "_grad_checkpointed", False):
+            continue
+        if cls not in made:
+            base_call = cls.__call__
+
+            def call(self, *args, _base=base_call, **kwargs):
+                arrays: list = []
+                spec = _split_args((args, kwargs), arrays)
+
+                def inner(params, *arrs):
+                    self.update(params)
+                    a, kw = _join_args(spec, arrs)
+                    return _base(self, *a, **kw)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *arrays)
+
+            made[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": call, "_grad_checkpointed": True})
+        layer.__class__ = made[cls]
+    return len(layers)
+
+
+# -------------------------------------------------------------------------- state files
+def save_checkpoint(adapter_dir: Path, model, optimizer, step: int, meta: dict) -> None:
+    arrays = {f"adapter.{k}": v for k, v in adapter_weights(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    save_safetensors_atomic(Path(adapter_dir) / CHECKPOINT_FILE, arrays,
+                            {"vargpt_mlx_state": json.dumps({**meta, "step": step})})
+
+
+def read_checkpoint(adapter_dir: str | Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
+    """``(state metadata, adapter arrays, optimizer arrays)`` of a training checkpoint."""
+    f = Path(adapter_dir) / CHECKPOINT_FILE
+    if not f.is_file():
+        raise CheckpointMismatch(f"no training checkpoint to resume in {adapter_dir} (no {CHECKPOINT_FILE})")
+    try:
+        arrays, meta = mx.load(str(f), return_metadata=True)
+        state = json.loads(meta["vargpt_mlx_state"])
+    except Exception as e:
+        raise CheckpointMismatch(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    adapters = {k[len("adapter."):]: v for k, v in arrays.items() if k.startswith("adapter.")}
+    opt = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
+    return state, adapters, opt
+
+
+def make_optimizer(args: TrainArgs):
+    if args.optimizer == "adam":
+        return optim.Adam(learning_rate=args.learning_rate)
+    if args.optimizer == "adamw":
+        return optim.AdamW(learning_rate=args.learning_rate, weight_decay=args.weight_decay)
+    raise ValueError(f"unknown optimizer {args.optimizer!r} (adam or adamw)")
+
+
+def _restore_optimizer(optimizer, model, flat: dict[str, mx.array]) -> None:
+    optimizer.init(model.trainable_parameters())
+    want = {k for k, _ in tree_flatten(optimizer.state)}
+    if want != set(flat):
+        missing = sorted(want - set(flat)) or sorted(set(flat) - want)
+        raise CheckpointMismatch(f"checkpoint optimizer state does not fit the model (first mismatch: {missing[0]})")
+    optimizer.state = tree_map_with_path(lambda path, _: flat[path], optimizer.state)
+
+
+def _all_finite(tree) -> bool:
+    leaves = [v for _, v in tree_flatten(tree)]
+    if not leaves:
+        return True
+    ok = mx.array(True)
+    for v in leaves:
+        ok = ok & mx.all(mx.isfinite(v))
+    return bool(ok.item())
+
+
+# -------------------------------------------------------------------------- the loop
+@dataclass
+class StepInfo:
+    step: int  # updates done (1-based after the update)
+    iters: int
+    loss: float
+    metrics: dict[str, float]
+    tokens_per_sec: float
+    peak_memory_gb: float
+    elapsed: float
+    eta: float
+    learning_rate: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_loss: float
+    losses: list[float]
+    val: list[tuple[int, dict[str, float]]]
+
+
+Reporter = Callable[[str, object], None]  # (event, payload): "step" StepInfo, "eval" (step, dict), "save" step
+
+
+def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg: LoraConfig, *,
+          resume: bool = False, meta: dict | None = None, report: Reporter | None = None) -> TrainResult:
+    """Train the LoRA parameters of ``model`` (already wrapped by ``apply_lora``) on ``task``.
+
+    Saves a checkpoint every ``args.save_every`` updates and at the end. Raises
+    :class:`TrainingDiverged` on a non-finite loss or gradient (nothing is saved for that step).
+    """
+    adapter_dir = Path(adapter_dir)
+    report = report or (lambda event, payload: None)
+    meta = dict(meta or {})
+    meta.update({"args": asdict(args), "lora": lora_cfg.to_json()})
+    if args.iters < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 1:
+        raise ValueError("iters, batch size, grad accumulation and save-every must be >= 1")
+    if task.n_train < 1:
+        raise ValueError("no training samples")
+    if args.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    optimizer = make_optimizer(args)
+    start = 0
+    if resume:
+        state, adapters, opt_flat = read_checkpoint(adapter_dir)
+        expected = adapter_weights(model)
+        if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
+            raise CheckpointMismatch("checkpoint adapters do not fit the LoRA layers of this run")
+        model.load_weights(list(adapters.items()), strict=False)
+        _restore_optimizer(optimizer, model, opt_flat)
+        optimizer.learning_rate = args.learning_rate
+        start = int(state["step"])
+        if start >= args.iters:
+            raise CheckpointMismatch(f"the checkpoint is at step {start}, nothing to do for --iters {args.iters}")
+    else:
+        optimizer.init(model.trainable_parameters())
+    # only the adapters: base weights stay memory-mapped until a forward touches them
+    mx.eval(model.trainable_parameters(), optimizer.state)
+
+    loss_and_grad = nn.value_and_grad(model, task.batch_loss)
+    losses: list[float] = []
+    vals: list[tuple[int, dict[str, float]]] = []
+    mx.reset_peak_memory()
+    t_start = time.perf_counter()
+    loss_val = float("nan")
+    last_saved = start
+    for step in range(start, args.iters):
+        t0 = time.perf_counter()
+        model.train()
+        if hasattr(task, "begin_step"):
+            task.begin_step(step)
+        if lora_cfg.dropout > 0:
+            mx.random.seed(args.seed * 1_000_003 + step)
+        grads_acc = None
+        loss_sum = mx.array(0.0)
+        metric_sums: dict[str, mx.array] = {}
+        ntok = 0
+        for micro in range(args.grad_accum):
+            idxs = batch_indices(args.seed, task.n_train, step, micro, args.batch_size, args.grad_accum)
+            if getattr(task, "split_backward", False):
+                (loss, metrics), grads = task.loss_and_grad(model, idxs)
+            else:
+                (loss, metrics), grads = loss_and_grad(model, idxs)
+            ntok += task.num_tokens(idxs)
+            grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
+            loss_sum = loss_sum + loss
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+            mx.eval(loss_sum, grads_acc, metric_sums)
+        if args.grad_accum > 1:
+            grads_acc = tree_map(lambda g: g / args.grad_accum, grads_acc)
+        loss_val = loss_sum.item() / args.grad_accum
+        if not math.isfinite(loss_val) or not _all_finite(grads_acc):
+            what = f"loss is {loss_val}" if not math.isfinite(loss_val) else "a gradient is not finite"
+            raise TrainingDiverged(
+                f"{what} at step {step + 1}; training stopped. The last good checkpoint "
+                f"(step {last_saved}) is kept in {adapter_dir}" if last_saved else
+                f"{what} at step {step + 1}; training stopped before any checkpoint was written")
+        optimizer.update(model, grads_acc)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        losses.append(loss_val)
+        dt = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t_start
+        done = step + 1 - start
+        report("step", StepInfo(
+            step=step + 1, iters=args.iters, loss=loss_val,
+            metrics={k: v.item() / args.grad_accum for k, v in metric_sums.items()},
+            tokens_per_sec=ntok / dt if dt > 0 else 0.0, peak_memory_gb=mx.get_peak_memory() / 1e9,
+            elapsed=elapsed, eta=elapsed / done * (args.iters - step - 1),
+            learning_rate=float(np.asarray(optimizer.learning_rate)),
+        ))
+        if (step + 1) % args.save_every == 0 or step + 1 == args.iters:
+            save_checkpoint(adapter_dir, model, optimizer, step + 1, meta)
+            save_adapters(model, adapter_dir, lora_cfg, {"training": {**meta.get("info", {}), "step": step + 1}})
+            last_saved = step + 1
+            report("save", step + 1)
+        if task.n_val and args.steps_per_eval > 0 and ((step + 1) % args.steps_per_eval == 0 or step + 1 == args.iters):
+            model.eval()
+            v = task.evaluate(model, args.val_batches * args.batch_size if args.val_batches > 0 else -1)
+            vals.append((step + 1, v))
+            report("eval", (step + 1, v))
+    model.eval()
+    return TrainResult(steps=args.iters, last_loss=loss_val, losses=losses, val=vals)
