@@ -186,13 +186,11 @@ def chat(
     guarded(lambda: _check_images(image))
 
     from vargpt_mlx.api import load
-    from vargpt_mlx.chat import ChatSession, load_adapters
+    from vargpt_mlx.chat import ChatSession
 
     def setup():
         with err.status(f"loading {model}..."):
-            pipe = load(model, tokenizer=tokenizer)
-            if adapter_path is not None:
-                load_adapters(pipe.model, adapter_path)
+            pipe = load(model, tokenizer=tokenizer, adapter_path=adapter_path)
         progress = _ScaleProgress()
         session = ChatSession(pipe, system=system, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
                               out_dir=out_dir, on_image_scale=progress)

@@ -7,7 +7,6 @@ EXIF-rotated, huge) must work.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -21,9 +20,6 @@ from typer.testing import CliRunner
 from cli.main import app
 from tests.test_generate import INPUT_IMAGE, model_dir  # noqa: F401  (session fixture)
 
-HAS_CHAT = importlib.util.find_spec("cli.chat_cmd") is not None
-if HAS_CHAT:
-    import cli.chat_cmd  # noqa: F401  (registers ``chat`` on the app)
 
 
 def run(*args, env=None):
@@ -286,7 +282,6 @@ def test_edit_without_image_option(model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- chat (other helper's command)
-@pytest.mark.skipif(not HAS_CHAT, reason="cli/chat_cmd.py not present")
 @pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "empty_prompt", "unknown_model"])
 def test_chat_bad_input(case, model_dir, tmp_path):
     corrupt = tmp_path / "corrupt.png"

@@ -287,19 +287,6 @@ def test_generation_config_eos(pipe, tmp_path):
     assert_matches_fresh(pipe, s, [])
 
 
-def test_adapters_not_supported_yet(pipe, tmp_path):
-    try:
-        from vargpt_mlx.training import lora
-    except ImportError:
-        lora = None
-    if hasattr(lora, "load_adapters"):
-        pytest.skip("LoRA adapters are implemented")
-    with pytest.raises(ChatError, match="adapters not supported yet"):
-        chat_mod.load_adapters(pipe.model, tmp_path)
-    with pytest.raises(FileNotFoundError):
-        chat_mod.load_adapters(pipe.model, tmp_path / "nope")
-
-
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def cli():
@@ -401,9 +388,8 @@ def test_cli_bad_inputs(cli, model_dir, tmp_path, case):
 
 def test_cli_adapters(cli, model_dir, pipe, tmp_path):
     """--adapter-path applies LoRA adapters (written here with random non-zero B matrices)."""
-    lora = pytest.importorskip("vargpt_mlx.training.lora")
-    if not hasattr(lora, "save_adapters"):
-        pytest.skip("LoRA adapters are not implemented")
+    from vargpt_mlx.training import lora
+
     tuned = load(CKPT, tokenizer=TINY_TOKENIZER)
     cfg = lora.apply_lora(tuned.model, lora.LoraConfig(rank=4, num_layers=-1, targets=("llm",)))
     key = mx.random.key(0)
@@ -416,15 +402,3 @@ def test_cli_adapters(cli, model_dir, pipe, tmp_path):
     assert r.stdout == chat(tuned, "Hello", max_tokens=6) + "\n"
     assert r.stdout != chat(pipe, "Hello", max_tokens=6) + "\n"
     assert_user_error(cli("--model", model_dir, "--adapter-path", tmp_path, "hi"), "adapter")
-
-
-def test_cli_adapters_not_supported_yet(cli, model_dir, tmp_path):
-    try:
-        from vargpt_mlx.training import lora
-    except ImportError:
-        lora = None
-    if hasattr(lora, "load_adapters"):
-        pytest.skip("LoRA adapters are implemented")
-    r = cli("--model", model_dir, "--adapter-path", tmp_path, "hi")
-    assert r.exit_code == 2 and "adapters not supported yet" in r.stderr
-    assert "Traceback" not in r.output

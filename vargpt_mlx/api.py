@@ -39,7 +39,6 @@ schedules for that ratio (upstream always draws squares).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -86,17 +85,12 @@ class Pipeline:
 
 
 def apply_adapters(model: VARGPT, adapter_path: str | Path) -> None:
-    """Apply LoRA adapters in place with ``vargpt_mlx.training.lora.load_adapters``."""
+    """Apply LoRA adapters in place (``vargpt_mlx.training.lora.load_adapters``)."""
+    from .training import lora
+
     path = Path(adapter_path)
     if not path.exists():
         raise FileNotFoundError(f"adapter path {path} does not exist")
-    if importlib.util.find_spec("vargpt_mlx.training.lora") is None:
-        raise ValueError("LoRA adapters are not supported by this installation "
-                         "(vargpt_mlx.training.lora is missing)")
-    from .training import lora
-
-    if not hasattr(lora, "load_adapters"):
-        raise ValueError("LoRA adapters are not supported yet (vargpt_mlx.training.lora.load_adapters is missing)")
     lora.load_adapters(model, path)
 
 

@@ -78,7 +78,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .api import Pipeline, load
+from .api import Pipeline, apply_adapters, load
 from .image_processor import ImageError, ImageInput
 from .models.rope_index import get_rope_index
 from .models.vargpt import embed_multimodal
@@ -123,23 +123,6 @@ class TurnStats:
     @property
     def generation_tps(self) -> float:
         return self.generated_tokens / self.generation_s if self.generation_s else 0.0
-
-
-def load_adapters(model, path: str | Path):
-    """Apply LoRA adapters with ``vargpt_mlx.training.lora.load_adapters`` (if that exists)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter path {path} does not exist")
-    try:
-        from .training import lora
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.training.lora":
-            raise
-        lora = None
-    fn = getattr(lora, "load_adapters", None)
-    if fn is None:
-        raise ChatError("adapters not supported yet (vargpt_mlx.training.lora.load_adapters is missing)")
-    return fn(model, path)
 
 
 def make_seeded_sampler(temp: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array]:
@@ -457,12 +440,15 @@ def chat(pipeline_or_path: Pipeline | str | Path, prompt: str, images: Sequence[
     Other keyword arguments go to ``ChatSession`` (``system``, ``max_tokens``, ``temp``,
     ``top_p``, ``seed``, ``out_dir``, ...). Images the model draws are written to ``out_dir``.
     """
-    pipe = pipeline_or_path if isinstance(pipeline_or_path, Pipeline) else load(pipeline_or_path, tokenizer=tokenizer)
-    if adapter_path is not None:
-        load_adapters(pipe.model, adapter_path)
+    if isinstance(pipeline_or_path, Pipeline):
+        pipe = pipeline_or_path
+        if adapter_path is not None:
+            apply_adapters(pipe.model, adapter_path)
+    else:
+        pipe = load(pipeline_or_path, tokenizer=tokenizer, adapter_path=adapter_path)
     session = ChatSession(pipe, **opts)
     return "".join(p for p in session.send(prompt, images) if isinstance(p, str))
 
 
-__all__ = ["ChatError", "ChatSession", "ImageEvent", "TurnStats", "chat", "load_adapters", "make_seeded_sampler",
+__all__ = ["ChatError", "ChatSession", "ImageEvent", "TurnStats", "chat", "make_seeded_sampler",
            "save_png", "ImageError"]

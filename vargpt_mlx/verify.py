@@ -16,12 +16,10 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file
 
-from . import sampling
 from .image_processor import ImageProcessor
 from .loading import load_model
 from .models import bsq
 from .models.rope_index import get_rope_index, plain_position_ids
-from .models.vae import to_uint8
 from .models.vargpt import VARGPT, embed_multimodal
 from .pipelines.image_generation import GenerationSettings, generate_image
 from .text_generation import stream_generate
