@@ -61,33 +61,14 @@ def t2i_sft_loss(model: VARGPT, input_ids: mx.array, pixel_gen_values: mx.array,
     ``pixel_gen_values`` (1, H, W, 3) in [-1, 1] at the schedule's pixel size.
     """
     tok = model.config.tokens
-    inf = model.vargpt_gen
     # 1. ground-truth bits and teacher-forcing inputs from the VAE (flip strength 0)
     feats = model.vae_local.encode_features(pixel_gen_values)
     bits, x_wo_prefix, _ = bsq.encode_multiscale(feats, schedule)
     gt = mx.concatenate([b.reshape(b.shape[0], -1, b.shape[-1]) for b in bits], axis=1)
-    # 2. Infinity-space inputs, zero-padded to the number of pad slots, projected into the LLM
-    sid = tok.image_gen_start_token_id
-    cond_BD = inf.condition(model.sos_embedding.weight[sid][None])
-    x_BLC = mx.concatenate([inf.sos_tokens(cond_BD), inf.word_embed(x_wo_prefix)], axis=1)
-    pad_mask = input_ids == tok.image_gen_pad_token_id
-    n_pad = int(pad_mask.sum().item())
-    L = x_BLC.shape[1]
-    if n_pad < L:
-        raise ValueError(f"sample has {n_pad} <|image_gen_pad|> slots, the schedule needs {L}")
-    x_BLC = mx.concatenate([x_BLC, mx.zeros((1, n_pad - L, x_BLC.shape[-1]), x_BLC.dtype)], axis=1)
-    x_SH = model.image_gen_projector(x_BLC)
-    embeds = scatter_rows(model.model.embed_tokens(input_ids), pad_mask, x_SH[0])
-    # 3. LLM forward, plain positions, token-causal
-    T = input_ids.shape[1]
-    hidden = model.model(embeds, mx.array(plain_position_ids(1, T)))
+    # 2-4. Infinity inputs into the pad slots, LLM forward (plain positions), Infinity on the
+    # pad-slot states cross-attending to the prompt states
+    hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule)
     text_logits = model.lm_head(hidden)
-    # 4. Infinity on the pad-slot states, cross-attending to the prompt states
-    pad_idx = mx.array(np.nonzero(np.array(pad_mask[0]))[0])
-    inf_in = model.image_gen_projector_out(hidden[:, pad_idx])
-    start_pos = int(np.nonzero(np.array(input_ids[0]) == sid)[0][0])
-    ca_kv = model.image_gen_projector_out(hidden[0, :start_pos])
-    bit_logits = inf.forward_train(inf_in, cond_BD, [ca_kv], schedule)
     # 5. losses
     targets = input_ids[:, 1:]
     if text_loss == "upstream":
