@@ -15,6 +15,7 @@ last entry is the full latent grid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import mlx.core as mx
@@ -113,13 +114,17 @@ def _check_schedule(features: mx.array, schedule: Schedule) -> None:
         )
 
 
-def encode_multiscale(features: mx.array, schedule: Schedule) -> tuple[list[mx.array], mx.array, mx.array]:
+def encode_multiscale(features: mx.array, schedule: Schedule,
+                      flip: Callable[[mx.array], mx.array] | None = None) -> tuple[list[mx.array], mx.array, mx.array]:
     """Ground-truth bits and teacher-forcing inputs from raw VAE features.
 
     Mirrors ``BitwiseSelfCorrection.flip_requant`` with ``noise_apply_strength=0``:
     ``r_k = area(f - cum -> (h, w))`` (the last scale is not resized), ``bits_k = BSQ(r_k)``,
     ``cum += trilinear(bits_to_codes(bits_k) -> full)``, teacher input of scale k+1 =
     ``trilinear(cum -> scale k+1)`` flattened row-major.
+
+    ``flip``: bitwise self-correction (upstream ``noise_apply_strength > 0``): the codes of
+    ``flip(bits_k)`` are accumulated while the unflipped bits stay the labels.
 
     Returns ``(bits per scale (B, h, w, d) uint8, x_BLC_wo_prefix (B, L - h0*w0, d), summed codes)``.
     """
@@ -134,7 +139,7 @@ def encode_multiscale(features: mx.array, schedule: Schedule) -> tuple[list[mx.a
             residual = downsample_area(residual, size)
         bits = quantize_bits(residual)
         all_bits.append(bits)
-        cum = cum + upsample_trilinear(bits_to_codes(bits), full)
+        cum = cum + upsample_trilinear(bits_to_codes(bits if flip is None else flip(bits)), full)
         if si != last:
             teacher.append(next_scale_input(cum, schedule[si + 1]))
     x_blc = mx.concatenate(teacher, axis=1) if teacher else mx.zeros((features.shape[0], 0, features.shape[-1]))

@@ -472,24 +472,14 @@ def flip_requant(features: mx.array, schedule: list[tuple[int, int]], strength: 
     """
     from ..models import bsq
 
-    full = tuple(schedule[-1])
-    last = len(schedule) - 1
-    cum = mx.zeros_like(features)
-    labels, teacher = [], []
-    for si, size in enumerate(schedule):
-        residual = features - cum
-        if si != last:
-            residual = bsq.downsample_area(residual, size)
-        bits = bsq.quantize_bits(residual)
-        labels.append(bits.reshape(1, -1, bits.shape[-1]))
+    def flip(bits: mx.array) -> mx.array:
         p = rng.integers(0, int(round(100 * strength)) + 1) * 0.01
         if p > 0:
-            flip = mx.array((rng.random(bits.shape) < p).astype(np.uint8))
-            bits = bits ^ flip
-        cum = cum + bsq.upsample_trilinear(bsq.bits_to_codes(bits), full)
-        if si != last:
-            teacher.append(bsq.next_scale_input(cum, schedule[si + 1]))
-    return mx.concatenate(labels, axis=1), mx.concatenate(teacher, axis=1)
+            bits = bits ^ mx.array((rng.random(bits.shape) < p).astype(np.uint8))
+        return bits
+
+    bits, teacher, _ = bsq.encode_multiscale(features, schedule, flip=flip)
+    return mx.concatenate([b.reshape(1, -1, b.shape[-1]) for b in bits], axis=1), teacher
 
 
 def param_dtype(module) -> mx.Dtype:
