@@ -44,3 +44,19 @@ def sub_weights(weights: dict[str, mx.array], prefix: str) -> dict[str, mx.array
     """Keys under ``prefix.`` with the prefix stripped."""
     p = prefix + "."
     return {k[len(p):]: v for k, v in weights.items() if k.startswith(p)}
+
+
+TINY_TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The fixture checkpoint plus the tiny tokenizer in one directory (as a released model has);
+    a fresh copy per test module."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("model") / "vargpt-tiny"
+    d.mkdir()
+    for src in list(CKPT.iterdir()) + list(TINY_TOKENIZER.iterdir()):
+        shutil.copy(src, d / src.name)
+    return d

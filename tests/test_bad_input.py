@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.test_generate import INPUT_IMAGE, model_dir  # noqa: F401  (session fixture)
+from tests.test_generate import INPUT_IMAGE
 
 
 

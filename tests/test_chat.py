@@ -40,15 +40,6 @@ def pipe():
     return load(CKPT, tokenizer=TINY_TOKENIZER)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A model directory with both the checkpoint files and the tiny tokenizer's files."""
-    d = tmp_path_factory.mktemp("model")
-    for src in list(CKPT.iterdir()) + list(TINY_TOKENIZER.iterdir()):
-        (d / src.name).symlink_to(src.resolve())
-    return d
-
-
 class Steer:
     """Logits processor for tests: bans some tokens; ``plan`` forces a token at a reply step."""
 

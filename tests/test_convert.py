@@ -60,18 +60,6 @@ def litter(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """An upstream-format model directory with tokenizer files (checkpoint + tiny tokenizer)."""
-    d = tmp_path_factory.mktemp("upstream") / "vargpt-tiny"
-    d.mkdir()
-    for f in CKPT.iterdir():
-        os.symlink(f, d / f.name)
-    for f in TOKENIZER.iterdir():
-        os.symlink(f, d / f.name)
-    return d
-
-
-@pytest.fixture(scope="module")
 def f32_dir(tmp_path_factory, model_dir) -> Path:
     out = tmp_path_factory.mktemp("conv") / "f32"
     convert_checkpoint(model_dir, out)

@@ -6,7 +6,6 @@ seed, equality between the batched and the one-image paths, and that n images sh
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,22 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from tests.conftest import CKPT, FIXTURES
+from tests.conftest import FIXTURES
 from vargpt_mlx import api, schedules
 from vargpt_mlx.pipelines import image_generation as ig
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
 INPUT_IMAGE = FIXTURES / "und_image_56x84.png"
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    """The fixture checkpoint plus the tiny tokenizer in one directory (as a released model has)."""
-    d = tmp_path_factory.mktemp("model") / "vargpt-tiny"
-    d.mkdir()
-    for src in list(CKPT.iterdir()) + list(TOKENIZER.iterdir()):
-        shutil.copy(src, d / src.name)
-    return d
 
 
 @pytest.fixture(scope="module")

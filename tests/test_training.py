@@ -42,16 +42,6 @@ TOKENIZER = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The fixture checkpoint plus the tiny tokenizer in one directory (as a released model has)."""
-    d = tmp_path_factory.mktemp("model") / "vargpt-tiny"
-    d.mkdir()
-    for src in list(CKPT.iterdir()) + list(TOKENIZER.iterdir()):
-        shutil.copy(src, d / src.name)
-    return d
-
-
-@pytest.fixture(scope="module")
 def targets() -> TargetCache:
     """GT bits per target image, shared by the tests (the VAE is never trained)."""
     return TargetCache()
