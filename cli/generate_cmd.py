@@ -136,7 +136,7 @@ def generate(
     tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
     top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
-    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.06M, 0.25M, 0.60M or 1M "
+    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
                                                         "(default: the checkpoint's, 0.25M = 512x512)."),
     aspect: str = typer.Option("1:1", "--aspect", help="Width:height, e.g. 1:1, 4:3, 16:9, 9:16 (snapped to the "
                                                        "nearest of 15 ratios from 3:1 to 1:3)."),
@@ -168,7 +168,7 @@ def edit(
     tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
     top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
-    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.06M, 0.25M, 0.60M or 1M "
+    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
                                                         "(default: the checkpoint's, 0.25M = 512x512)."),
     aspect: str = typer.Option("1:1", "--aspect", help="Width:height of the output, e.g. 1:1, 4:3, 16:9."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from cli.app import app, err, fail, guarded, out
 
-train_app = typer.Typer(no_args_is_help=True, help="Fine-tune with LoRA adapters (SFT or DPO).")
+train_app = typer.Typer(no_args_is_help=True,
+                        help="Fine-tune (LoRA or full, SFT or DPO); train the nano model from scratch.")
 app.add_typer(train_app, name="train")
 
 MODEL_HELP = "Model directory or Hugging Face repo id (default: $VARGPT_MODEL)."
@@ -33,7 +34,7 @@ def _model_arg(model: Optional[str]) -> str:
 
 def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Path, val_data: Optional[Path],
          adapter_path: Path, resume: bool, overwrite: bool, explicit: dict, options: dict, pn: Optional[str],
-         gen_aspect: Optional[str]):
+         gen_aspect: Optional[str], fine_tune_type: str = "lora"):
     from vargpt_mlx.api import load
     from vargpt_mlx.hub import resolve_model_path
     from vargpt_mlx.image_processor import ImageProcessor
@@ -59,7 +60,7 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
     for k in ("batch_size", "grad_accum", "seed", "text_loss", "beta", "dpo_loss", "optimizer", "bit_flip"):
         arg_kw[k] = given.get(k, getattr(defaults_args, k))
     args = trainer.TrainArgs(**arg_kw)
-    lora_cfg = lora_mod.LoraConfig(**lora_kw)
+    lora_cfg = lora_mod.LoraConfig(**lora_kw, fine_tune_type=fine_tune_type)
 
     def setup():
         nonlocal args, lora_cfg
@@ -110,7 +111,12 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
                                     split_backward=args.grad_checkpoint)
             if not progress.tasks[0].total:
                 progress.update(t, completed=1, total=1, info="none")
-            cfg = lora_mod.apply_lora(pipe.model, lora_cfg, seed=args.seed)
+            if lora_cfg.full:  # every weight but the VAE's (frozen, as upstream trains)
+                pipe.model.unfreeze()
+                pipe.model.vae_local.freeze()
+                cfg = lora_cfg
+            else:
+                cfg = lora_mod.apply_lora(pipe.model, lora_cfg, seed=args.seed)
             if kind == "dpo":
                 r = progress.add_task("reference log-probs", total=None, info="adapters disabled")
                 task.prepare_reference(pipe.model, lambda d, n: progress.update(r, completed=d, total=n))
@@ -121,8 +127,11 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
 
     n_train = sum(v.size for _, v in tree_flatten(pipe.model.trainable_parameters()))
     n_all = sum(v.size for _, v in tree_flatten(pipe.model.parameters()))
-    err.print(f"LoRA: rank {cfg.rank}, scale {cfg.scale}, {len(cfg.modules)} layers on {','.join(cfg.targets)}; "
-              f"trainable {n_train / 1e6:.3f}M of {n_all / 1e6:.1f}M parameters")
+    if cfg.full:
+        err.print(f"full fine-tuning: trainable {n_train / 1e6:.3f}M of {n_all / 1e6:.1f}M parameters (VAE frozen)")
+    else:
+        err.print(f"LoRA: rank {cfg.rank}, scale {cfg.scale}, {len(cfg.modules)} layers on {','.join(cfg.targets)}; "
+                  f"trainable {n_train / 1e6:.3f}M of {n_all / 1e6:.1f}M parameters")
     adapter_path.mkdir(parents=True, exist_ok=True)
     log_file = adapter_path / "train_log.jsonl"
     if not resume and log_file.exists():
@@ -181,6 +190,8 @@ def _common(kind: str, **kw):
     options = {"iters": kw.pop("iters"), "learning_rate": kw.pop("learning_rate"), "save_every": kw.pop("save_every"),
                "steps_per_eval": kw.pop("steps_per_eval"), "val_batches": kw.pop("val_batches"),
                "grad_checkpoint": kw.pop("grad_checkpoint"), "weight_decay": kw.pop("weight_decay")}
+    if kw.get("fine_tune_type", "lora") not in ("lora", "full"):
+        fail(f"--fine-tune-type must be lora or full, not {kw['fine_tune_type']!r}")
     _run(kind, explicit=explicit, options=options, **kw)
 
 
@@ -192,6 +203,9 @@ _O = typer.Option
 def sft(
     data: Path = _O(..., "--data", help="Training data: sharegpt JSON (messages + images)."),
     adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
+    fine_tune_type: str = _O("lora", "--fine-tune-type",
+                             help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
+                                  "holds all trained weights)."),
     model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
@@ -236,6 +250,9 @@ def sft(
 def dpo(
     data: Path = _O(..., "--data", help="Preference data: prompt/messages + chosen + rejected."),
     adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
+    fine_tune_type: str = _O("lora", "--fine-tune-type",
+                             help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
+                                  "holds all trained weights)."),
     model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
@@ -295,3 +312,27 @@ def fuse(
 
     path = guarded(run)
     out.print(f"fused model written to {path}")
+
+
+@train_app.command("nano")
+def nano(
+    out_dir: Path = _O(..., "--out", help="Working directory: data, stage checkpoints, models, eval.json."),
+    ship: bool = _O(False, "--ship", help="Install the result as the package's --model nano."),
+    smoke: bool = _O(False, "--smoke", help="A few steps of every stage (checks that the recipe runs)."),
+    stop_after: Optional[str] = _O(None, "--stop-after", help="Stop after this stage: data, vae, sft or dpo."),
+):
+    """Train the nano model from scratch (data, VAE, SFT, DPO, eval); rerun to resume."""
+    from vargpt_mlx.hub import NANO_DIR
+    from vargpt_mlx.nano import recipe
+
+    if stop_after is not None and stop_after not in recipe.STAGES[:4]:
+        fail(f"--stop-after must be one of {', '.join(recipe.STAGES[:4])}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir} is not a directory")
+
+    def log(msg: str):
+        err.print(msg, markup=False, highlight=False)
+
+    args = recipe.smoke_args() if smoke else recipe.full_args()
+    guarded(lambda: recipe.run_recipe(out_dir, args=args, ship_to=NANO_DIR if ship else None, log=log,
+                                      stop_after=stop_after))

@@ -25,7 +25,8 @@ INVERSE = {1.25: 0.8, 1.333: 0.75, 1.5: 0.666, 1.75: 0.571, 2.0: 0.5, 2.5: 0.4, 
 def test_aspect_keys():
     assert S.ASPECT_RATIOS == (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5,
                                2.5, 0.4, 3.0, 0.333)
-    assert S.PN_NUM_SCALES == {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+    assert S.PN_NUM_SCALES == {"0.016M": 5, "0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+    assert S.get_schedule("0.016M") == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]  # nano: 128 px, L = 121
 
 
 @pytest.mark.parametrize("pn,n,L,padded,px", [

@@ -16,11 +16,22 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.t
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+NANO = "nano"
+NANO_DIR = Path(__file__).resolve().parent / "nano" / "model"
+"""The nano model shipped in the package (``vargpt-mlx train nano`` makes it)."""
+
+
 def resolve_model_path(source: str | Path) -> Path:
-    """A local checkpoint directory for ``source`` (downloading a repo id if needed)."""
+    """A local checkpoint directory for ``source``: ``"nano"`` (the shipped model, unless a local
+    directory of that name exists), a local path, or a repo id (downloaded if needed)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
+    if str(source) == NANO:
+        if not (NANO_DIR / "config.json").is_file():
+            raise CheckpointError(f"the nano model is not installed in {NANO_DIR} (make it with "
+                                  "'vargpt-mlx train nano --out DIR --ship')")
+        return NANO_DIR
     s = str(source)
     if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
         raise CheckpointError(f"model path {s} does not exist")

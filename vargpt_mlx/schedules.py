@@ -4,6 +4,8 @@ Mirrors upstream ``infinity/utils/dynamic_resolution.py``:
 
 * a 13-step list of per-scale token grids ``(h, w)`` per aspect ratio ``h/w``;
 * ``pn`` (total pixels) selects a prefix of it: 0.06M = 7 scales, 0.25M = 10, 0.60M = 12, 1M = 13;
+  0.016M = 5 scales (128x128 at 1:1) is this port's addition for the nano model (upstream has no
+  setting that small; it is the same prefix rule, so every other code path is unchanged);
 * the inverse ratios (``int(1000/r)/1000``) are the transposed lists;
 * pixel size = last grid x 16 (the VAE stride);
 * the time extent ``t`` of the upstream tables is forced to 1 by VARGPT (images only), so
@@ -55,7 +57,7 @@ FULL_SCHEDULES: dict[float, tuple[tuple[int, int], ...]] = _full_schedules()
 ASPECT_RATIOS: tuple[float, ...] = tuple(FULL_SCHEDULES)
 """The 15 aspect keys (h/w), in upstream order: 1.0, 1.25, 0.8, 1.333, 0.75, ..., 3.0, 0.333."""
 
-PN_NUM_SCALES: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+PN_NUM_SCALES: dict[str, int] = {"0.016M": 5, "0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 """Total-pixel setting -> number of scales (a prefix of the 13-step list)."""
 
 

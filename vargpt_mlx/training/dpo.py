@@ -29,14 +29,15 @@ from .losses import sample_logprob
 LOSSES = ("sigmoid", "ipo")
 
 
-def item_logprob(model, item: Batchable, processor: ImageProcessor, dtype=mx.float32) -> tuple[mx.array, int]:
+def item_logprob(model, item: Batchable, processor: ImageProcessor, dtype=mx.float32,
+                 positions: str = "plain") -> tuple[mx.array, int]:
     s = item.sample
     pv, grid = item.arrays(processor, dtype)
     t = item.target
     return sample_logprob(model, mx.array(s.input_ids[None]), s.labels[None],
                           gt_bits=None if t is None else t.gt_bits,
                           x_wo_prefix=None if t is None else t.x_wo_prefix,
-                          schedule=s.schedule, pixel_values=pv, image_grid_thw=grid)
+                          schedule=s.schedule, pixel_values=pv, image_grid_thw=grid, positions=positions)
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
@@ -54,7 +55,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"):
 class DPOTask:
     def __init__(self, processor: ImageProcessor, pairs: list[tuple[Batchable, Batchable]],
                  val_pairs: list[tuple[Batchable, Batchable]] | None = None, beta: float = 0.1,
-                 loss_type: str = "sigmoid", dtype=mx.float32, split_backward: bool = False):
+                 loss_type: str = "sigmoid", dtype=mx.float32, split_backward: bool = False,
+                 positions: str = "plain"):
         if loss_type not in LOSSES:
             raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {', '.join(LOSSES)}")
         if not beta > 0:
@@ -62,6 +64,7 @@ class DPOTask:
         self.processor, self.pairs, self.val_pairs = processor, pairs, list(val_pairs or [])
         self.beta, self.loss_type, self.dtype = beta, loss_type, dtype
         self.split_backward = split_backward  # the trainer then calls loss_and_grad
+        self.positions = positions  # training positions (losses.training_positions)
         self.n_train, self.n_val = len(pairs), len(self.val_pairs)
         self.ref: list[tuple[float, int, float, int]] | None = None
         self.val_ref: list[tuple[float, int, float, int]] | None = None
@@ -80,7 +83,7 @@ class DPOTask:
             for c, r in pairs:
                 row = []
                 for it in (c, r):
-                    lp, n = item_logprob(model, it, self.processor, self.dtype)
+                    lp, n = item_logprob(model, it, self.processor, self.dtype, self.positions)
                     row += [lp.item(), n]
                     done += 1
                     if on_progress:
@@ -94,7 +97,7 @@ class DPOTask:
             self.val_ref = run(self.val_pairs)
 
     def _terms(self, model, pair, ref):
-        (pc, nc), (pr, nr) = (item_logprob(model, it, self.processor, self.dtype) for it in pair)
+        (pc, nc), (pr, nr) = (item_logprob(model, it, self.processor, self.dtype, self.positions) for it in pair)
         rc, rnc, rr, rnr = ref
         rc, rr = mx.array(rc), mx.array(rr)
         if self.loss_type == "ipo":
@@ -126,7 +129,7 @@ class DPOTask:
 
         if self.ref is None:
             raise RuntimeError("call prepare_reference() before training")
-        lp = [[item_logprob(model, it, self.processor, self.dtype) for it in self.pairs[i]] for i in idxs]
+        lp = [[item_logprob(model, it, self.processor, self.dtype, self.positions) for it in self.pairs[i]] for i in idxs]
         vals = [(mx.stop_gradient(c[0]), c[1], mx.stop_gradient(r[0]), r[1]) for c, r in lp]
         mx.eval([v[0] for v in vals], [v[2] for v in vals])
 
@@ -145,7 +148,7 @@ class DPOTask:
         grads = None
         for i, w_c, w_r in zip(idxs, dpc, dpr):
             for it, w in zip(self.pairs[i], (w_c, w_r)):
-                _, g = nn.value_and_grad(model, lambda m: item_logprob(m, it, self.processor, self.dtype)[0])(model)
+                _, g = nn.value_and_grad(model, lambda m: item_logprob(m, it, self.processor, self.dtype, self.positions)[0])(model)
                 g = tree_map(lambda x: x * w, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(grads)

@@ -14,6 +14,10 @@ gives QLoRA. The adapter directory holds ``adapters.safetensors`` (only ``lora_a
 and ``adapter_config.json`` (mlx-lm style: ``fine_tune_type``, ``num_layers``,
 ``lora_parameters``; plus ``targets`` and the exact ``modules`` list). :func:`load_adapters` is
 what ``chat`` / ``generate`` / ``edit`` call for ``--adapter-path``.
+
+Full fine-tuning (``fine_tune_type="full"``, as mlx-lm has) trains every unfrozen parameter; the
+same two files then hold all trained weights and ``{"fine_tune_type": "full"}``, and
+``--adapter-path`` loads them over the base model.
 """
 
 from __future__ import annotations
@@ -56,8 +60,15 @@ class LoraConfig:
     targets: tuple[str, ...] = ("llm", "infinity")
     mlp: bool = False  # LLM / vision MLPs too (Infinity's FFN is always included)
     modules: list[str] = field(default_factory=list)  # filled by apply_lora
+    fine_tune_type: str = "lora"  # lora | full
+
+    @property
+    def full(self) -> bool:
+        return self.fine_tune_type == "full"
 
     def to_json(self) -> dict:
+        if self.full:
+            return {"fine_tune_type": "full", "format": "vargpt-mlx"}
         keys = []
         for t in self.targets:
             keys += list(_stack_keys(t, self.mlp))
@@ -73,8 +84,11 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "LoraConfig":
-        if d.get("fine_tune_type", "lora") != "lora":
-            raise AdapterError(f"unsupported fine_tune_type {d.get('fine_tune_type')!r} (only 'lora')")
+        kind = d.get("fine_tune_type", "lora")
+        if kind == "full":
+            return cls(fine_tune_type="full", targets=(), num_layers=-1)
+        if kind != "lora":
+            raise AdapterError(f"unsupported fine_tune_type {kind!r} (lora or full)")
         p = d.get("lora_parameters") or {}
         try:
             return cls(rank=int(p["rank"]), scale=float(p["scale"]), dropout=float(p.get("dropout", 0.0)),
@@ -164,6 +178,11 @@ def adapter_weights(model) -> dict[str, mx.array]:
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
 
 
+def trained_weights(model, cfg: LoraConfig) -> dict[str, mx.array]:
+    """What a run trains and saves: the LoRA arrays, or (full) every trainable parameter."""
+    return dict(tree_flatten(model.trainable_parameters())) if cfg.full else adapter_weights(model)
+
+
 @contextmanager
 def adapters_disabled(model):
     """Temporarily zero every LoRA layer's scale: the base model, without a second copy."""
@@ -222,7 +241,7 @@ def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array], metadata: d
 def save_adapters(model, adapter_path: str | Path, cfg: LoraConfig, extra: dict | None = None) -> None:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` atomically."""
     adapter_path = Path(adapter_path)
-    save_safetensors_atomic(adapter_path / ADAPTER_FILE, adapter_weights(model), {"format": "mlx"})
+    save_safetensors_atomic(adapter_path / ADAPTER_FILE, trained_weights(model, cfg), {"format": "mlx"})
     cfg_json = cfg.to_json()
     if extra:
         cfg_json.update(extra)
@@ -258,6 +277,14 @@ def load_adapters(model, adapter_path: str | Path):
         weights = mx.load(str(wfile))
     except Exception as e:
         raise AdapterError(f"cannot read {wfile}: {str(e).splitlines()[0]}") from None
+    if cfg.full:
+        expected = dict(tree_flatten(model.parameters()))
+        for k, v in weights.items():
+            if k not in expected or tuple(v.shape) != tuple(expected[k].shape):
+                raise AdapterError(f"{ADAPTER_FILE} has {k} {tuple(v.shape)}, which is not a parameter of this model")
+        model.load_weights(list(weights.items()), strict=False)
+        mx.eval(model.parameters())
+        return model
     _wrap(model, cfg.modules, cfg, None)
     expected = adapter_weights(model)
     for k, v in weights.items():

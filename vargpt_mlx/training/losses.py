@@ -7,8 +7,15 @@
 * ``und_sft_loss``: ordinary causal-LM CE on labels (mean over labels != -100), with image
   features scattered in; plain positions by default, as upstream's training pipeline feeds it.
 
-Bitwise self-correction flips and condition dropout (random in upstream training) are off here;
-they are training-time augmentations to be added as options by the trainer.
+Bitwise self-correction is a trainer option (``SFTTask(bit_flip=...)``); condition dropout is
+not reproduced (the nano recipe trains the unconditional branch as inference runs it instead,
+``uncond_bit_loss``).
+
+``positions``: ``"plain"`` (0..T-1, what upstream's training feeds) or ``"inference"`` (what the
+inference code computes for the same tokens: M-RoPE ``get_rope_index`` over the prompt and, for a
+generation sample, over the prompt plus ``<|image_gen_start|>``, then plain cache positions for the
+image tokens, as ``prefill_prompt`` / ``generate_from_prefill`` do). They differ only for prompts
+holding images.
 """
 
 from __future__ import annotations
@@ -147,8 +154,24 @@ def text_target_rows(input_ids: np.ndarray, labels: np.ndarray | None, image_gen
     return np.nonzero(keep)[0]
 
 
+def training_positions(model: VARGPT, ids_np: np.ndarray, image_grid_thw=None, positions: str = "plain",
+                       is_gen: bool = False) -> np.ndarray:
+    """(3, 1, T) position ids of a training sample (see the module docstring)."""
+    T = ids_np.shape[1]
+    if positions == "plain":
+        return plain_position_ids(1, T)
+    if positions != "inference":
+        raise ValueError(f"unknown positions {positions!r} (plain or inference)")
+    tok = model.config.tokens
+    n = int(np.nonzero(ids_np[0] == tok.image_gen_start_token_id)[0][0]) + 1 if is_gen else T
+    pos, _ = get_rope_index(ids_np[:, :n], image_grid_thw, None, image_token_id=tok.image_token_id,
+                            video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                            spatial_merge_size=model.config.vision.spatial_merge_size)
+    return np.concatenate([pos, plain_position_ids(1, T - n, offset=n)], axis=2) if n < T else pos
+
+
 def gen_forward(model: VARGPT, input_ids: mx.array, x_wo_prefix: mx.array, schedule: list[tuple[int, int]],
-                pixel_values=None, image_grid_thw=None) -> tuple[mx.array, mx.array]:
+                pixel_values=None, image_grid_thw=None, positions: str = "plain") -> tuple[mx.array, mx.array]:
     """The training forward of ``t2i_sft_loss`` steps 2-4 on precomputed teacher inputs.
 
     Returns ``(hidden (1, T, H), bit_logits (1, L, 64))``.
@@ -168,8 +191,8 @@ def gen_forward(model: VARGPT, input_ids: mx.array, x_wo_prefix: mx.array, sched
     x_SH = model.image_gen_projector(x_BLC)
     embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
     embeds = scatter_rows(embeds, mx.array(pad_mask), x_SH[0])
-    T = ids_np.shape[1]
-    hidden = model.model(embeds, mx.array(plain_position_ids(1, T)))
+    pos = training_positions(model, ids_np, image_grid_thw, positions, is_gen=True)
+    hidden = model.model(embeds, mx.array(pos))
     pad_idx = mx.array(np.nonzero(pad_mask[0])[0])
     inf_in = model.image_gen_projector_out(hidden[:, pad_idx])
     start_pos = int(np.nonzero(ids_np[0] == sid)[0][0])
@@ -178,11 +201,12 @@ def gen_forward(model: VARGPT, input_ids: mx.array, x_wo_prefix: mx.array, sched
     return hidden, bit_logits
 
 
-def und_forward(model: VARGPT, input_ids: mx.array, pixel_values=None, image_grid_thw=None) -> mx.array:
-    """Hidden states (1, T, H) of an understanding sample, plain positions (upstream training)."""
+def und_forward(model: VARGPT, input_ids: mx.array, pixel_values=None, image_grid_thw=None,
+                positions: str = "plain") -> mx.array:
+    """Hidden states (1, T, H) of an understanding sample (plain positions: upstream training)."""
     embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
-    B, T = input_ids.shape
-    return model.model(embeds, mx.array(plain_position_ids(B, T)))
+    pos = training_positions(model, np.asarray(input_ids), image_grid_thw, positions)
+    return model.model(embeds, mx.array(pos))
 
 
 def _row_logits(model: VARGPT, hidden: mx.array, rows: np.ndarray) -> mx.array:
@@ -192,7 +216,7 @@ def _row_logits(model: VARGPT, hidden: mx.array, rows: np.ndarray) -> mx.array:
 def sample_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array | np.ndarray, *,
                     gt_bits: mx.array | None = None, x_wo_prefix: mx.array | None = None,
                     schedule: list[tuple[int, int]] | None = None, pixel_values=None, image_grid_thw=None,
-                    text_loss: str = "upstream") -> SampleLoss:
+                    text_loss: str = "upstream", positions: str = "plain") -> SampleLoss:
     """SFT loss of one sample: ``und_sft_loss`` without a generation target, else upstream's
     ``text_ce + 3.0 x bit_ce`` (``t2i_sft_loss``) from precomputed GT bits / teacher inputs."""
     tok = model.config.tokens
@@ -200,9 +224,10 @@ def sample_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nd
     is_gen = gt_bits is not None
     rows = text_target_rows(ids_np, np.asarray(labels), tok.image_gen_pad_token_id, text_loss, is_gen)
     if is_gen:
-        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw)
+        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw,
+                                         positions)
     else:
-        hidden, bit_logits = und_forward(model, input_ids, pixel_values, image_grid_thw), None
+        hidden, bit_logits = und_forward(model, input_ids, pixel_values, image_grid_thw, positions), None
     targets = mx.array(ids_np[0, rows + 1])
     text_ce = nn.losses.cross_entropy(_row_logits(model, hidden, rows), targets, reduction="mean")
     if not is_gen:
@@ -225,7 +250,7 @@ def bit_logprobs(bit_logits: mx.array, gt_bits: mx.array) -> mx.array:
 def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.ndarray, *,
                    gt_bits: mx.array | None = None, x_wo_prefix: mx.array | None = None,
                    schedule: list[tuple[int, int]] | None = None, pixel_values=None,
-                   image_grid_thw=None) -> tuple[mx.array, int]:
+                   image_grid_thw=None, positions: str = "plain") -> tuple[mx.array, int]:
     """Teacher-forced log-probability of a sample's answer: the summed log-probs of its labelled
     text tokens (``<|image_gen_pad|>`` excluded) plus, for a generation sample, of every GT bit
     of the image. Returns ``(sum, number of terms)``."""
@@ -234,9 +259,10 @@ def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nda
     is_gen = gt_bits is not None
     rows = text_target_rows(ids_np, np.asarray(labels), tok.image_gen_pad_token_id, "assistant", is_gen)
     if is_gen:
-        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw)
+        hidden, bit_logits = gen_forward(model, input_ids, x_wo_prefix, schedule, pixel_values, image_grid_thw,
+                                         positions)
     else:
-        hidden = und_forward(model, input_ids, pixel_values, image_grid_thw)
+        hidden = und_forward(model, input_ids, pixel_values, image_grid_thw, positions)
     logits = _row_logits(model, hidden, rows)
     targets = mx.array(ids_np[0, rows + 1])
     logp = (mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)).sum()
@@ -245,3 +271,25 @@ def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nda
         logp = logp + bit_logprobs(bit_logits, gt_bits).sum()
         n += int(gt_bits.size)
     return logp, n
+
+
+def uncond_bit_loss(model: VARGPT, x_wo_prefix: mx.array, gt_bits: mx.array, schedule: list[tuple[int, int]],
+                    n_memory: int) -> mx.array:
+    """Bit CE of the unconditional CFG branch, computed as ``autoregressive_infer_cfg`` runs it
+    (FACTS-quirk kept): start row ``cfg_uncond[0]``; every scale alone through the LLM with no
+    prompt, no cache and positions 0..hw-1; the same next-scale inputs as the cond branch; the
+    cross-attention memory is the raw ``cfg_uncond[:n_memory]`` (n = the prompt length)."""
+    inf = model.vargpt_gen
+    cond_BD = inf.condition(inf.cfg_uncond[:1])
+    x_BLC = mx.concatenate([inf.sos_tokens(cond_BD), inf.word_embed(x_wo_prefix.astype(cond_BD.dtype))], axis=1)
+    x_SH = model.image_gen_projector(x_BLC)
+    outs, s = [], 0
+    for h, w in schedule:
+        n = h * w
+        outs.append(model.model(x_SH[:, s:s + n], mx.array(plain_position_ids(1, n))))
+        s += n
+    inf_in = model.image_gen_projector_out(mx.concatenate(outs, axis=1))
+    bit_logits = inf.forward_train(inf_in, cond_BD, [inf.cfg_uncond[:n_memory]], schedule)
+    B, Lb, _ = bit_logits.shape
+    return nn.losses.cross_entropy(bit_logits.astype(mx.float32).reshape(B, Lb, -1, 2), gt_bits.astype(mx.int32),
+                                   reduction="mean")

@@ -32,7 +32,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .lora import LoraConfig, adapter_weights, save_adapters, save_safetensors_atomic
+from .lora import LoraConfig, save_adapters, save_safetensors_atomic, trained_weights
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -51,6 +51,8 @@ class TrainArgs:
     batch_size: int = 1  # samples (SFT) or pairs (DPO) per micro-batch
     grad_accum: int = 1  # micro-batches per update
     learning_rate: float = 1e-5
+    lr_schedule: str = "constant"  # constant | cosine (linear warmup, cosine decay to 5 %)
+    warmup: int = 0  # updates of linear warmup (cosine schedule)
     optimizer: str = "adam"  # adam | adamw
     weight_decay: float = 0.01  # adamw only
     save_every: int = 100
@@ -254,8 +256,8 @@ def enable_grad_checkpoint(model, attn_chunk: int = 512) -> int:
 
 
 # -------------------------------------------------------------------------- state files
-def save_checkpoint(adapter_dir: Path, model, optimizer, step: int, meta: dict) -> None:
-    arrays = {f"adapter.{k}": v for k, v in adapter_weights(model).items()}
+def save_checkpoint(adapter_dir: Path, model, optimizer, step: int, meta: dict, lora_cfg: LoraConfig) -> None:
+    arrays = {f"adapter.{k}": v for k, v in trained_weights(model, lora_cfg).items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     save_safetensors_atomic(Path(adapter_dir) / CHECKPOINT_FILE, arrays,
                             {"vargpt_mlx_state": json.dumps({**meta, "step": step})})
@@ -276,11 +278,24 @@ def read_checkpoint(adapter_dir: str | Path) -> tuple[dict, dict[str, mx.array],
     return state, adapters, opt
 
 
+def learning_rate(args: TrainArgs):
+    if args.lr_schedule == "constant":
+        return args.learning_rate
+    if args.lr_schedule == "cosine":
+        decay = optim.cosine_decay(args.learning_rate, max(1, args.iters - args.warmup), 0.05 * args.learning_rate)
+        if args.warmup <= 0:
+            return decay
+        warm = optim.linear_schedule(args.learning_rate / args.warmup, args.learning_rate, args.warmup)
+        return optim.join_schedules([warm, decay], [args.warmup])
+    raise ValueError(f"unknown learning-rate schedule {args.lr_schedule!r} (constant or cosine)")
+
+
 def make_optimizer(args: TrainArgs):
+    lr = learning_rate(args)
     if args.optimizer == "adam":
-        return optim.Adam(learning_rate=args.learning_rate)
+        return optim.Adam(learning_rate=lr)
     if args.optimizer == "adamw":
-        return optim.AdamW(learning_rate=args.learning_rate, weight_decay=args.weight_decay)
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
     raise ValueError(f"unknown optimizer {args.optimizer!r} (adam or adamw)")
 
 
@@ -330,7 +345,8 @@ Reporter = Callable[[str, object], None]  # (event, payload): "step" StepInfo, "
 
 def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg: LoraConfig, *,
           resume: bool = False, meta: dict | None = None, report: Reporter | None = None) -> TrainResult:
-    """Train the LoRA parameters of ``model`` (already wrapped by ``apply_lora``) on ``task``.
+    """Train the LoRA parameters of ``model`` (already wrapped by ``apply_lora``) on ``task``, or
+    with ``lora_cfg.full`` every trainable (unfrozen) parameter.
 
     Saves a checkpoint every ``args.save_every`` updates and at the end. Raises
     :class:`TrainingDiverged` on a non-finite loss or gradient (nothing is saved for that step).
@@ -349,12 +365,13 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
     start = 0
     if resume:
         state, adapters, opt_flat = read_checkpoint(adapter_dir)
-        expected = adapter_weights(model)
+        expected = trained_weights(model, lora_cfg)
         if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
-            raise CheckpointMismatch("checkpoint adapters do not fit the LoRA layers of this run")
+            raise CheckpointMismatch("checkpoint weights do not fit the trained layers of this run")
         model.load_weights(list(adapters.items()), strict=False)
         _restore_optimizer(optimizer, model, opt_flat)
-        optimizer.learning_rate = args.learning_rate
+        if args.lr_schedule == "constant":  # a schedule continues from the restored step count
+            optimizer.learning_rate = args.learning_rate
         start = int(state["step"])
         if start >= args.iters:
             raise CheckpointMismatch(f"the checkpoint is at step {start}, nothing to do for --iters {args.iters}")
@@ -416,7 +433,7 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
             learning_rate=float(np.asarray(optimizer.learning_rate)),
         ))
         if (step + 1) % args.save_every == 0 or step + 1 == args.iters:
-            save_checkpoint(adapter_dir, model, optimizer, step + 1, meta)
+            save_checkpoint(adapter_dir, model, optimizer, step + 1, meta, lora_cfg)
             save_adapters(model, adapter_dir, lora_cfg, {"training": {**meta.get("info", {}), "step": step + 1}})
             last_saved = step + 1
             report("save", step + 1)
