@@ -157,7 +157,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per reply."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy, upstream's default)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1] (1: off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for text sampling and drawn images "
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed for text sampling and drawn images "
                                                             "(default: wall clock)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the chat template's, "
                                                                 "'You are a helpful assistant.')."),

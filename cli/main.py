@@ -11,6 +11,7 @@ from cli import convert_cmd  # noqa: F401
 from cli import generate_cmd  # noqa: F401
 from cli import train_cmd  # noqa: F401
 from cli import chat_cmd  # noqa: F401
+from cli import reference_cmd  # noqa: F401
 from cli import serve_cmd  # noqa: F401
 from cli.app import app
 

@@ -187,6 +187,8 @@ def _common(kind: str, **kw):
     explicit_keys = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_scale", "lora_dropout", "lora_layers",
                      "targets", "lora_mlp", "optimizer", "text_loss", "beta", "dpo_loss", "bit_flip")
     explicit = {k: kw.pop(k, None) for k in explicit_keys}
+    if not kw["learning_rate"] > 0:
+        fail("--learning-rate must be > 0")
     options = {"iters": kw.pop("iters"), "learning_rate": kw.pop("learning_rate"), "save_every": kw.pop("save_every"),
                "steps_per_eval": kw.pop("steps_per_eval"), "val_batches": kw.pop("val_batches"),
                "grad_checkpoint": kw.pop("grad_checkpoint"), "weight_decay": kw.pop("weight_decay")}
@@ -209,7 +211,7 @@ def sft(
     model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
-    iters: int = _O(100, "--iters", help="Optimizer updates."),
+    iters: int = _O(100, "--iters", min=1, help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Samples per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
     learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
@@ -226,7 +228,7 @@ def sft(
     steps_per_eval: int = _O(200, "--steps-per-eval"),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", min=0, max=2**63 - 1, help="Default 0."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     text_loss: Optional[str] = _O(None, "--text-loss",
@@ -258,7 +260,7 @@ def dpo(
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
     beta: Optional[float] = _O(None, "--beta", help="Default 0.1."),
     dpo_loss: Optional[str] = _O(None, "--loss", help="sigmoid or ipo (default sigmoid)."),
-    iters: int = _O(100, "--iters", help="Optimizer updates."),
+    iters: int = _O(100, "--iters", min=1, help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Pairs per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
     learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
@@ -276,7 +278,7 @@ def dpo(
     steps_per_eval: int = _O(200, "--steps-per-eval"),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", min=0, max=2**63 - 1, help="Default 0."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     pn: Optional[str] = _O(None, "--pn", help="Image resolution of image preferences (default: the model's)."),
@@ -331,7 +333,7 @@ def nano(
         fail(f"--out {out_dir} is not a directory")
 
     def log(msg: str):
-        err.print(msg, markup=False, highlight=False)
+        err.print(msg, markup=False, highlight=False, soft_wrap=True)
 
     args = recipe.smoke_args() if smoke else recipe.full_args()
     guarded(lambda: recipe.run_recipe(out_dir, args=args, ship_to=NANO_DIR if ship else None, log=log,

@@ -474,7 +474,9 @@ def test_cli_killed_run_resumes_to_the_same_adapters(model_dir, uninterrupted, t
     out = tmp_path / "adapters"
     cmd = [sys.executable, "-m", "cli.main", "train", "sft", "--model", str(model_dir), "--data", str(data),
            "--adapter-path", str(out), *map(str, TRAIN_ARGS)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the same BLAS as the in-process reference run (the CLI would re-execute with OpenBLAS)
+    env = dict(os.environ, VARGPT_MLX_NO_OPENBLAS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     ckpt = out / "checkpoint.safetensors"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -485,7 +487,7 @@ def test_cli_killed_run_resumes_to_the_same_adapters(model_dir, uninterrupted, t
     state, _, _ = trainer.read_checkpoint(out)  # the checkpoint is complete (atomic write)
     saved = state["step"]
     assert 2 <= saved < 8 and saved % 2 == 0
-    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert f"resuming from step {saved}" in r.stderr
     log = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]

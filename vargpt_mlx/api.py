@@ -408,14 +408,29 @@ def check_output_paths(paths: Sequence[Path]) -> None:
             raise ValueError(f"output file {p} exists and is not writable")
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` as PNG with its ``.info`` strings as text chunks, atomically (temp file in the
-    same directory, then rename): a failed write never leaves a partial file at ``path``."""
-    path = Path(path)
+def png_info(image: Image.Image) -> PngInfo:
+    """The PNG text chunks of ``image``: every string in its ``.info`` (prompt, seed, settings)."""
     info = PngInfo()
     for k, v in image.info.items():
         if isinstance(v, str):
             info.add_text(k, v)
+    return info
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG with its ``.info`` strings as text chunks (as ``save_image`` writes)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(image))
+    return buf.getvalue()
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as PNG with its ``.info`` strings as text chunks, atomically (temp file in the
+    same directory, then rename): a failed write never leaves a partial file at ``path``."""
+    path = Path(path)
+    info = png_info(image)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -430,4 +445,4 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
 
 __all__ = ["EDIT_ASSISTANT_PREFIX", "ImageError", "Pipeline", "apply_adapters", "check_output_paths",
            "edit_image", "edit_prompt_ids", "generate_image", "load", "make_settings", "output_paths",
-           "prepare_edit_image", "save_image", "t2i_prompt_ids"]
+           "png_bytes", "prepare_edit_image", "save_image", "t2i_prompt_ids"]

@@ -234,6 +234,22 @@ class ChatSession:
         self._next_pos = 0  # largest M-RoPE position in the cache + 1
         self._pending: list[int] = []  # chosen tokens the next turn must feed first
         self.last_turn: TurnStats | None = None
+        self._history_images: list = []  # images of a ``start_from`` history, prefilled by the next turn
+
+    def start_from(self, messages: Sequence[dict], images: Sequence[ImageInput] = ()) -> None:
+        """Begin from a conversation the caller holds (a stateless client such as an
+        OpenAI-compatible server's, which sends the whole history with every request).
+
+        ``messages`` replace the conversation, a system message included if any (``system`` is
+        not added): ``role`` / ``content`` dicts as the chat template takes them, a user turn's
+        content a list of ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` items, an
+        assistant reply its text. ``images``: the images of the ``{"type": "image"}`` items, in
+        order. Nothing is computed here: the next ``send`` prefills the whole conversation as the
+        template renders it, then its own turn; later turns continue on the cache as usual.
+        """
+        self.reset()
+        self.messages = [dict(m) for m in messages]
+        self._history_images = list(images)
 
     @property
     def hidden(self) -> mx.array:
@@ -272,7 +288,7 @@ class ChatSession:
         """Template text of this turn: all of it first, then only what follows the last reply."""
         tpl = self.tokenizer.apply_chat_template
         has_reply = any(m["role"] == "assistant" for m in self.messages)
-        if not has_reply:
+        if not has_reply or not self.token_ids:  # empty cache: the whole conversation
             return tpl(self.messages + [user_msg], add_generation_prompt=True, tokenize=False)
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
         msgs = self.messages[:last] + [{"role": "assistant", "content": _SENTINEL}] + self.messages[last + 1:]
@@ -288,6 +304,7 @@ class ChatSession:
             raise ChatError("empty message: give text or at least one image")
         content = ([{"type": "text", "text": text}] if text else []) + [{"type": "image"} for _ in images]
         user_msg = {"role": "user", "content": content}
+        images = (self._history_images if not self.token_ids else []) + list(images)  # + start_from's
         pixel_values = grids = None
         n_tokens: list[int] = []
         if images:
@@ -303,6 +320,10 @@ class ChatSession:
         counts = iter(n_tokens)
         for t in raw:
             ids.extend([t] * next(counts) if t == pad else [t])
+        limit = self.model.config.llm.max_position_embeddings
+        if len(self.token_ids) + len(ids) > limit:
+            raise ChatError(f"the conversation would be {len(self.token_ids) + len(ids)} tokens; the model's "
+                            f"context is {limit} tokens")
         return user_msg, ids, pixel_values, grids
 
     # ------------------------------------------------------------------ turn
@@ -345,6 +366,7 @@ class ChatSession:
         stats = self.last_turn = TurnStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         h = self._prefill(ids, pixel_values, grids)
+        self._history_images = []
         stats.prompt_s = time.perf_counter() - t0
         self.messages.append(user_msg)
         if grids is not None:

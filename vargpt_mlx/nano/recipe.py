@@ -4,10 +4,9 @@ Stages (each resumable; ``vargpt-mlx train nano --out DIR`` runs them in order):
 
 0. ``data``: our own BPE tokenizer and the world's train / held-out samples (sharegpt JSON + PNGs).
 1. ``vae``: the BSQ VAE (encoder, multi-scale BSQ with straight-through bits, decoder) on fresh
-   renders of whole scenes: first at 64x64 (4x cheaper; the convolutions learn the same edges and
-   the per-image GroupNorm statistics are those of a whole scene), then at 128x128 with the real
-   5-scale schedule. (Crops would be cheaper still, but a flat crop normalises to zero in the
-   GroupNorms and loses its colour; measured: 9 dB after 100 crop steps.)
+   renders of whole scenes: at 32, then 64 (16x / 4x cheaper), then 128 px with the real 5-scale
+   schedule. (Crops would be cheaper still, but a flat crop normalises to zero in the GroupNorms
+   and loses its colour; measured: 9 dB after 100 crop steps.)
 2. ``sft``: the whole unified model (VAE frozen) with full-parameter training on the mix of
    understanding, text-to-image and edit samples with upstream's losses (``sample_sft_loss``).
 3. ``dpo``: LoRA DPO on right-vs-wrong image and answer pairs, fused into the weights.
@@ -133,19 +132,18 @@ def _fmt_time(s: float) -> str:
 # ---------------------------------------------------------------------------- stage 1: VAE
 @dataclass
 class VAEArgs:
-    crop_steps: int = 500  # whole scenes rendered at 64x64
-    full_steps: int = 120  # then 128x128 with the real schedule
-    crop_batch: int = 16
-    full_batch: int = 4
-    lr: float = 2e-3
+    # (image size, batch, steps): whole scenes at 32, then 64, then 128 px. Small renders are 16x
+    # / 4x cheaper per image, and a 16x16 latent cell is decoded the same way at every size.
+    phases: tuple = ((128, 4, 400),)
+    lr: float = 2e-4  # measured: 2e-3 stalled at the predict-the-mean loss; 1e-4..2e-4 learn fastest
     seed: int = 0
-    save_every: int = 50
+    save_every: int = 25
 
 
-CROP = 64
-# A 5-scale schedule for the 4x4 latent of a 64x64 scene: five unit-norm codes per position are
-# summed, as with the real (1,1)..(8,8) schedule, so the decoder sees sums of the same kind.
-CROP_SCHEDULE = [(1, 1), (2, 2), (2, 2), (3, 3), (4, 4)]
+# 5-scale schedules for the 2x2 / 4x4 latents of 32 / 64 px scenes: five unit-norm codes per
+# position are summed, as with the real (1,1)..(8,8) schedule, so the decoder sees sums of the
+# same kind.
+SMALL_SCHEDULES = {32: [(1, 1), (1, 1), (2, 2), (2, 2), (2, 2)], 64: [(1, 1), (2, 2), (2, 2), (3, 3), (4, 4)]}
 
 
 def _render_batch(rng: np.random.Generator, n: int, size: int | None) -> mx.array:
@@ -182,6 +180,8 @@ def eval_vae(vae: BSQVAE, n: int = 64, seed: int = 999, split: str = "heldout") 
 
 def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
     """Stage 1; resumable from ``out/vae_state.safetensors``. Returns the trained VAE."""
+    from mlx.utils import tree_unflatten
+
     out.mkdir(parents=True, exist_ok=True)
     state_file, done_file = out / "vae_state.safetensors", out / "vae.safetensors"
     vae = BSQVAE(vae_config())
@@ -191,13 +191,13 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
     mx.random.seed(args.seed)
     vae = BSQVAE(vae_config())
     opt = optim.Adam(learning_rate=args.lr)
-    total = args.crop_steps + args.full_steps
+    plan = [(size, batch) for size, batch, steps in args.phases for _ in range(steps)]
+    total = len(plan)
     start = 0
     if (st := _load_state(state_file)) is not None:
         arrays, meta = st
         vae.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
         opt.init(vae.trainable_parameters())
-        from mlx.utils import tree_unflatten
         opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
         start = meta["step"]
         log(f"vae: resuming at step {start}/{total}")
@@ -213,16 +213,16 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
     t0, ema = time.perf_counter(), None
     for step in range(start, total):
         rng = np.random.default_rng([args.seed, step])
-        crop = step < args.crop_steps
-        x = _render_batch(rng, args.crop_batch if crop else args.full_batch, CROP if crop else None)
-        opt.learning_rate = _lr(step, total, args.lr, 50)
-        loss, grads = lg(vae, x, CROP_SCHEDULE if crop else full_sched)
+        size, batch = plan[step]
+        x = _render_batch(rng, batch, size)
+        opt.learning_rate = _lr(step, total, args.lr, 20, floor=0.1)
+        loss, grads = lg(vae, x, SMALL_SCHEDULES.get(size, full_sched))
         opt.update(vae, grads)
         mx.eval(vae.parameters(), opt.state, loss)
         lv = loss.item()
         if not math.isfinite(lv):
             raise RuntimeError(f"vae: loss is {lv} at step {step + 1}; the last checkpoint is kept")
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        ema = lv if ema is None or (step > 0 and plan[step - 1][0] != size) else 0.95 * ema + 0.05 * lv
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             arrays = {f"w.{k}": v for k, v in tree_flatten(vae.parameters())}
             arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
@@ -230,8 +230,7 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
         if (step + 1) % 25 == 0 or step + 1 == total:
             el = time.perf_counter() - t0
             eta = el / (step + 1 - start) * (total - step - 1)
-            log(f"vae {step + 1}/{total} loss {ema:.4f} ({'64px' if crop else '128px'}) "
-                f"elapsed {_fmt_time(el)} eta {_fmt_time(eta)}")
+            log(f"vae {step + 1}/{total} loss {ema:.4f} ({size}px) elapsed {_fmt_time(el)} eta {_fmt_time(eta)}")
     p = eval_vae(vae)
     log(f"vae: held-out reconstruction PSNR {p:.2f} dB")
     save_safetensors_atomic(done_file, dict(tree_flatten(vae.parameters())), {"psnr": f"{p:.3f}"})
@@ -280,9 +279,10 @@ def make_data(out: Path, args: DataArgs = DataArgs(), log: Log = print) -> dict:
 class SFTArgs:
     iters: int = 3000
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 7e-4
     warmup: int = 100
     p_uncond: float = 0.15  # generation samples that train the unconditional branch instead
+    gen_repeat: int = 2
     seed: int = 0
     save_every: int = 100
 
@@ -444,8 +444,11 @@ def train_sft(out: Path, data: dict, args: SFTArgs = SFTArgs(), log: Log = print
     pipe = _pipeline(model, out / "tokenizer")
     cache = TargetCache()
     tr = data["train"]
-    items = _items(pipe, [Path(tr["und"]), Path(tr["t2i"]), Path(tr["edit"])], cache, log)
-    log(f"sft: {len(items)} samples ({sum(i.target is not None for i in items)} with an image to draw)")
+    und = _items(pipe, [Path(tr["und"])], cache, log)
+    gen = _items(pipe, [Path(tr["t2i"]), Path(tr["edit"])], cache, log)
+    # drawing is the hardest job: each generation / edit sample appears gen_repeat times per epoch
+    items = und + gen * args.gen_repeat
+    log(f"sft: {len(und)} understanding + {len(gen)} generation / edit samples (x{args.gen_repeat})")
     task = NanoTask(pipe.processor, items, None, p_uncond=args.p_uncond, seed=args.seed)
     targs = trainer.TrainArgs(iters=args.iters, batch_size=args.batch_size, learning_rate=args.lr,
                               lr_schedule="cosine", warmup=args.warmup, save_every=args.save_every,
@@ -538,7 +541,8 @@ def train_dpo(out: Path, data: dict, sft_model: Path, args: DPOArgs = DPOArgs(),
 # ---------------------------------------------------------------------------- evaluation
 @dataclass
 class EvalArgs:
-    n: int = 100  # samples per job and split
+    n: int = 100  # samples per job: the shipped model on the held-out split
+    n_other: int = 50  # before DPO, seen split, quantized copies
     seed: int = 0
 
 
@@ -609,9 +613,9 @@ def full_args() -> RecipeArgs:
 def smoke_args() -> RecipeArgs:
     """A few steps of every stage: proves the recipe runs (tests), learns nothing."""
     return RecipeArgs(DataArgs(n_und=8, n_t2i=4, n_edit=4, n_dpo_img=2, n_dpo_txt=2, n_heldout=3),
-                      VAEArgs(full_steps=2, full_batch=2, save_every=1),
+                      VAEArgs(phases=((32, 2, 1), (128, 2, 1)), save_every=1),
                       SFTArgs(iters=3, batch_size=2, warmup=1, save_every=2),
-                      DPOArgs(iters=2, batch_size=1, save_every=1), EvalArgs(n=2))
+                      DPOArgs(iters=2, batch_size=1, save_every=1), EvalArgs(n=2, n_other=1))
 
 
 def quantized_copy(src: Path, bits: int, group_size: int = 32) -> Path:
@@ -638,7 +642,9 @@ def eval_table(out: Path, data: dict, sft: Path, dpo: Path, args: EvalArgs, log:
     for name, path, split in runs:
         key = f"{name}/{split}"
         if key not in table:
-            table[key] = evaluate_model(path, data, split, n=args.n, seed=args.seed, log=log)
+            n = args.n if key == "dpo/heldout" else args.n_other
+            table[key] = evaluate_model(path, data, split, n=n, seed=args.seed, log=log)
+            table[key]["n"] = n
             atomic_write_text(f, json.dumps(table, indent=1))
     atomic_write_text(f, json.dumps(table, indent=1))
     return table
@@ -646,13 +652,14 @@ def eval_table(out: Path, data: dict, sft: Path, dpo: Path, args: EvalArgs, log:
 
 def format_table(table: dict) -> str:
     cols = ("und", "gen", "gen_argmax", "edit")
-    lines = ["| model | split | understanding | generation (upstream sampling) | generation (argmax) | editing |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | split | understanding | generation (upstream sampling) | generation (argmax) | editing | n |",
+             "|---|---|---|---|---|---|---|"]
     for key, row in table.items():
         if "/" in key:
             name, split = key.split("/")
             lines.append(f"| {name} | {'held-out' if split == 'heldout' else 'seen'} | "
-                         + " | ".join(f"{100 * row[c]:.0f} %" if c in row else "-" for c in cols) + " |")
+                         + " | ".join(f"{100 * row[c]:.0f} %" if c in row else "-" for c in cols)
+                         + f" | {row.get('n', '')} |")
     lines.append(f"\nVAE reconstruction PSNR: {table.get('vae_psnr_heldout', float('nan')):.2f} dB held-out, "
                  f"{table.get('vae_psnr_seen', float('nan')):.2f} dB seen.")
     return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Nano VARGPT: a procedurally generated world of simple shapes, its evaluator and its tokenizer."""
