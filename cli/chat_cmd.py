@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -157,7 +158,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per reply."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy, upstream's default)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1] (1: off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed for text sampling and drawn images "
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for text sampling and drawn images "
                                                             "(default: wall clock)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the chat template's, "
                                                                 "'You are a helpful assistant.')."),
@@ -183,6 +184,10 @@ def chat(
         fail("--temp must be >= 0")
     if not 0 < top_p <= 1:
         fail("--top-p must be in (0, 1]")
+    if seed is not None and not 0 <= seed < 2**63:
+        fail(f"--seed must be in [0, 2**63), got {seed}")
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
+        fail(f"--out-dir {out_dir} is not writable (drawn images would be lost)")
     guarded(lambda: _check_images(image))
 
     from vargpt_mlx.api import load

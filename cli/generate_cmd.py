@@ -131,8 +131,8 @@ def generate(
                                 help="PNG to write; with --n > 1: OUT_0.png, OUT_1.png, ... The directory "
                                      "must exist."),
     n: int = typer.Option(1, "--n", "-n", help="Number of images (one prompt prefill, drawn as a batch)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed; image i uses seed+i (default: random, printed)."),
-    cfg: float = typer.Option(3.0, "--cfg", min=0.0, help="Classifier-free guidance scale (upstream: 3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; image i uses seed+i (default: random, printed)."),
+    cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale (upstream: 3)."),
     tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
     top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
@@ -163,8 +163,8 @@ def edit(
                                 help="PNG to write; with --n > 1: OUT_0.png, OUT_1.png, ... The directory "
                                      "must exist."),
     n: int = typer.Option(1, "--n", "-n", help="Number of images (one prompt prefill, drawn as a batch)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed; image i uses seed+i (default: random, printed)."),
-    cfg: float = typer.Option(3.0, "--cfg", min=0.0, help="Classifier-free guidance scale (upstream: 3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; image i uses seed+i (default: random, printed)."),
+    cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale (upstream: 3)."),
     tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
     top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),

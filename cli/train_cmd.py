@@ -189,6 +189,10 @@ def _common(kind: str, **kw):
     explicit = {k: kw.pop(k, None) for k in explicit_keys}
     if not kw["learning_rate"] > 0:
         fail("--learning-rate must be > 0")
+    if kw["iters"] < 1:
+        fail("--iters must be >= 1")
+    if kw.get("seed") is not None and not 0 <= kw["seed"] < 2**63:
+        fail(f"--seed must be in [0, 2**63), got {kw['seed']}")
     options = {"iters": kw.pop("iters"), "learning_rate": kw.pop("learning_rate"), "save_every": kw.pop("save_every"),
                "steps_per_eval": kw.pop("steps_per_eval"), "val_batches": kw.pop("val_batches"),
                "grad_checkpoint": kw.pop("grad_checkpoint"), "weight_decay": kw.pop("weight_decay")}
@@ -211,7 +215,7 @@ def sft(
     model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
-    iters: int = _O(100, "--iters", min=1, help="Optimizer updates."),
+    iters: int = _O(100, "--iters", help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Samples per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
     learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
@@ -228,7 +232,7 @@ def sft(
     steps_per_eval: int = _O(200, "--steps-per-eval"),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", min=0, max=2**63 - 1, help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     text_loss: Optional[str] = _O(None, "--text-loss",
@@ -260,7 +264,7 @@ def dpo(
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
     beta: Optional[float] = _O(None, "--beta", help="Default 0.1."),
     dpo_loss: Optional[str] = _O(None, "--loss", help="sigmoid or ipo (default sigmoid)."),
-    iters: int = _O(100, "--iters", min=1, help="Optimizer updates."),
+    iters: int = _O(100, "--iters", help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Pairs per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
     learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
@@ -278,7 +282,7 @@ def dpo(
     steps_per_eval: int = _O(200, "--steps-per-eval"),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", min=0, max=2**63 - 1, help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     pn: Optional[str] = _O(None, "--pn", help="Image resolution of image preferences (default: the model's)."),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +17,8 @@ from cli.app import app, err, fail, guarded, out
 def verify(
     model: Path = typer.Option(..., "--model", help="Upstream checkpoint directory."),
     refs: Path = typer.Option(..., "--refs", help="Reference outputs (refs.json must lie beside it)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every check (family, name, max abs "
+                                                                  "err, bound, result, rule, note) to this file."),
 ):
     """Compare a checkpoint with upstream PyTorch reference outputs, component by component."""
     from vargpt_mlx.verify import Verifier, verify as run_verify
@@ -36,6 +40,10 @@ def verify(
         table.add_row(Verifier.FAMILIES[fam], c.name, f"{c.max_abs_err:.3g}", f"{c.bound:.3g}",
                       "[green]pass[/]" if c.ok else "[red]FAIL[/]", c.note)
     Console(width=max(out.width, 150)).print(table)
+    if json_out is not None:
+        rows = [{"family": fam, "name": c.name, "max_abs_err": c.max_abs_err, "bound": c.bound, "ok": c.ok,
+                 "kind": c.kind, "note": c.note} for fam, c in results]
+        json_out.write_text(json.dumps(rows, indent=1) + "\n")
     out.print(f"{len(results) - n_fail} passed, {n_fail} failed")
     if n_fail or not results:
         raise typer.Exit(1)

@@ -186,8 +186,8 @@ def make_settings(*, seed: int | None = None, cfg: float = 3.0, tau: float = 0.5
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be > 0, got {tau}")
-    if not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg}")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise ValueError(f"cfg must be a finite number >= 0, got {cfg}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if not 0.0 <= top_p <= 1.0:
