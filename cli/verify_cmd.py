@@ -31,7 +31,7 @@ def verify(
             return run_verify(model, refs, on_family=lambda f: status.update(f"verifying {Verifier.FAMILIES[f]}..."))
 
     results = guarded(run)
-    table = Table(title=f"parity: {model} vs {refs.name} (image generation teacher-forced)")
+    table = Table(title=f"parity: {model} vs {refs.name} (image generation teacher-forced, and free-running)")
     for col in ("component", "reference", "max abs err", "bound", "result", "note"):
         table.add_column(col)
     n_fail = 0

@@ -259,6 +259,7 @@ def _generate(
         x = mx.repeat(x, B, axis=0)
     if trace:
         rec.update({"gen.ca_src_hidden": prompt_hidden, "gen.ca_kv_cond": kv_cond, "gen.cond_BD": cond_BD,
+                    "gen.next_logits": model.lm_head(hidden[-1]),
                     "gen.next_token": mx.argmax(model.lm_head(hidden[-1]), axis=-1)})
 
     inf_cache = inf.make_cache()
