@@ -237,6 +237,74 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
     return vae
 
 
+@dataclass
+class DecoderArgs:
+    steps: int = 450  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
+    batch: int = 4
+    lr: float = 2e-4
+    seed: int = 1
+    save_every: int = 25
+
+
+def train_decoder(out: Path, args: DecoderArgs = DecoderArgs(), log: Log = print) -> Path:
+    """Stage 1b (resumable): the decoder alone, encoder frozen, on exactly what generation decodes
+    (``codes_from_bits`` of the encoder's multi-scale bits). The bits, and so every generation
+    target of stage 2, depend only on the encoder: this stage can run beside stage 2."""
+    from mlx.utils import tree_unflatten
+
+    done, state_file = out / "vae_decoder.safetensors", out / "vae_decoder_state.safetensors"
+    if done.is_file():
+        return done
+    vae = BSQVAE(vae_config())
+    vae.load_weights(str(out / "vae.safetensors"))
+    vae.encoder.freeze()
+    opt = optim.Adam(learning_rate=args.lr)
+    start = 0
+    if (st := _load_state(state_file)) is not None:
+        arrays, meta = st
+        vae.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
+        opt.init(vae.trainable_parameters())
+        opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
+        start = meta["step"]
+    sched = schedules.get_schedule(PN)
+
+    def loss_fn(model, codes, x):
+        y = model.decoder(codes)
+        return mx.mean(mx.abs(y - x)) + mx.mean((y - x) ** 2)
+
+    lg = nn.value_and_grad(vae, loss_fn)
+    t0, ema = time.perf_counter(), None
+    for step in range(start, args.steps):
+        x = _render_batch(np.random.default_rng([args.seed, step]), args.batch, IMAGE_SIZE)
+        bits, _, _ = bsq.encode_multiscale(vae.encode_features(x), sched)
+        codes = mx.stop_gradient(bsq.codes_from_bits(bits, sched))
+        opt.learning_rate = _lr(step, args.steps, args.lr, 10, floor=0.1)
+        loss, grads = lg(vae, codes, x)
+        opt.update(vae, grads)
+        mx.eval(vae.parameters(), opt.state, loss)
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            arrays = {f"w.{k}": v for k, v in tree_flatten(vae.parameters())}
+            arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
+            _save_state(state_file, arrays, {"step": step + 1, "args": asdict(args)})
+            el = time.perf_counter() - t0
+            log(f"vae decoder {step + 1}/{args.steps} loss {ema:.4f} elapsed {_fmt_time(el)} "
+                f"eta {_fmt_time(el / (step + 1 - start) * (args.steps - step - 1))}")
+    p = eval_vae(vae)
+    log(f"vae decoder: held-out reconstruction PSNR {p:.2f} dB")
+    save_safetensors_atomic(done, dict(tree_flatten(vae.parameters())), {"psnr": f"{p:.3f}"})
+    return done
+
+
+def swap_vae(model_dir: Path, vae_file: Path) -> None:
+    """Put the refined VAE into a model directory (atomic rewrite of its weights file)."""
+    f = model_dir / "model.safetensors"
+    weights = dict(mx.load(str(f)))
+    for k, v in mx.load(str(vae_file)).items():
+        weights[f"vae_local.{k}"] = v
+    save_safetensors_atomic(f, weights, {"format": "mlx"})
+
+
 # ---------------------------------------------------------------------------- stage 0: data
 @dataclass
 class DataArgs:
@@ -277,7 +345,7 @@ def make_data(out: Path, args: DataArgs = DataArgs(), log: Log = print) -> dict:
 # ---------------------------------------------------------------------------- stage 2: SFT
 @dataclass
 class SFTArgs:
-    iters: int = 3000
+    iters: int = 2400
     batch_size: int = 4
     lr: float = 7e-4
     warmup: int = 100
@@ -601,19 +669,20 @@ STAGES = ("data", "vae", "sft", "dpo", "eval", "export")
 class RecipeArgs:
     data: DataArgs
     vae: VAEArgs
+    decoder: DecoderArgs
     sft: SFTArgs
     dpo: DPOArgs
     eval: EvalArgs
 
 
 def full_args() -> RecipeArgs:
-    return RecipeArgs(DataArgs(), VAEArgs(), SFTArgs(), DPOArgs(), EvalArgs())
+    return RecipeArgs(DataArgs(), VAEArgs(), DecoderArgs(), SFTArgs(), DPOArgs(), EvalArgs())
 
 
 def smoke_args() -> RecipeArgs:
     """A few steps of every stage: proves the recipe runs (tests), learns nothing."""
     return RecipeArgs(DataArgs(n_und=8, n_t2i=4, n_edit=4, n_dpo_img=2, n_dpo_txt=2, n_heldout=3),
-                      VAEArgs(phases=((32, 2, 1), (128, 2, 1)), save_every=1),
+                      VAEArgs(phases=((128, 2, 2),), save_every=1), DecoderArgs(steps=2, batch=2),
                       SFTArgs(iters=3, batch_size=2, warmup=1, save_every=2),
                       DPOArgs(iters=2, batch_size=1, save_every=1), EvalArgs(n=2, n_other=1))
 
@@ -634,18 +703,27 @@ def eval_table(out: Path, data: dict, sft: Path, dpo: Path, args: EvalArgs, log:
     table = json.loads(f.read_text()) if f.is_file() else {}
     if "vae_psnr_heldout" not in table:
         vae = BSQVAE(vae_config())
-        vae.load_weights(str(out / "vae.safetensors"))
+        final = out / "vae_decoder.safetensors"
+        vae.load_weights(str(final if final.is_file() else out / "vae.safetensors"))
         table["vae_psnr_heldout"] = eval_vae(vae, n=max(args.n, 16), split="heldout")
         table["vae_psnr_seen"] = eval_vae(vae, n=max(args.n, 16), seed=1000, split="train")
-    runs = [("sft", sft, "heldout"), ("dpo", dpo, "heldout"), ("dpo", dpo, "train"),
-            ("dpo-q8", quantized_copy(dpo, 8), "heldout"), ("dpo-q4", quantized_copy(dpo, 4), "heldout")]
-    for name, path, split in runs:
+    def run(name, path, split):
         key = f"{name}/{split}"
         if key not in table:
-            n = args.n if key == "dpo/heldout" else args.n_other
+            n = args.n if split == "heldout" and name in ("sft", "dpo") else args.n_other
             table[key] = evaluate_model(path, data, split, n=n, seed=args.seed, log=log)
             table[key]["n"] = n
             atomic_write_text(f, json.dumps(table, indent=1))
+        return table[key]
+
+    before, after = run("sft", sft, "heldout"), run("dpo", dpo, "heldout")
+    # DPO must not lower any figure: otherwise the model before DPO is the one that ships
+    name, final = ("dpo", dpo) if all(after[k] >= before[k] for k in ("und", "gen", "gen_argmax", "edit")) \
+        else ("sft", sft)
+    table["shipped"] = name
+    run(name, final, "train")
+    run(f"{name}-q8", quantized_copy(final, 8), "heldout")
+    run(f"{name}-q4", quantized_copy(final, 4), "heldout")
     atomic_write_text(f, json.dumps(table, indent=1))
     return table
 
@@ -655,11 +733,13 @@ def format_table(table: dict) -> str:
     lines = ["| model | split | understanding | generation (upstream sampling) | generation (argmax) | editing | n |",
              "|---|---|---|---|---|---|---|"]
     for key, row in table.items():
-        if "/" in key:
+        if "/" in key and isinstance(row, dict):
             name, split = key.split("/")
             lines.append(f"| {name} | {'held-out' if split == 'heldout' else 'seen'} | "
                          + " | ".join(f"{100 * row[c]:.0f} %" if c in row else "-" for c in cols)
                          + f" | {row.get('n', '')} |")
+    lines.append(f"\nShipped: the model {'after' if table.get('shipped') == 'dpo' else 'before'} DPO "
+                 "(DPO ships only if it lowers no held-out figure).")
     lines.append(f"\nVAE reconstruction PSNR: {table.get('vae_psnr_heldout', float('nan')):.2f} dB held-out, "
                  f"{table.get('vae_psnr_seen', float('nan')):.2f} dB seen.")
     return "\n".join(lines)
@@ -705,12 +785,30 @@ def run_recipe(out: str | Path, *, args: RecipeArgs | None = None, ship_to: str 
     timed("vae", lambda: train_vae(out, args.vae, log))
     if stop_after == "vae":
         return {}
+    # stage 1b (decoder refinement) in a second process beside stage 2: one core each
+    dec = None
+    if not (out / "vae_decoder.safetensors").is_file():
+        import subprocess
+        import sys
+
+        dec = subprocess.Popen([sys.executable, "-m", "vargpt_mlx.nano.recipe", "decoder", str(out),
+                                json.dumps(asdict(args.decoder))])
+    t_dec = time.perf_counter()
     sft = timed("sft", lambda: train_sft(out, data, args.sft, log))
+    if dec is not None and dec.wait() != 0:
+        raise RuntimeError("the decoder refinement stage failed (rerun to resume it)")
+    if "vae_decoder" not in times:
+        times["vae_decoder (beside sft)"] = time.perf_counter() - t_dec
     if stop_after == "sft":
         return {}
     dpo = timed("dpo", lambda: train_dpo(out, data, sft, args.dpo, log))
     if stop_after == "dpo":
         return {}
+    for d in (sft, dpo):  # the refined decoder (encoder, hence every bit, unchanged)
+        marker = d / "vae_refined"
+        if not marker.exists():
+            swap_vae(d, out / "vae_decoder.safetensors")
+            marker.write_text("vae_local from vae_decoder.safetensors\n")
     table = timed("eval", lambda: eval_table(out, data, sft, dpo, args.eval, log))
     log("\n" + format_table(table))
     train_time = sum(v for k, v in times.items() if k in ("data", "vae", "sft", "dpo"))
@@ -719,10 +817,20 @@ def run_recipe(out: str | Path, *, args: RecipeArgs | None = None, ship_to: str 
             "architecture": {"llm": LLM, "vision": VISION, "infinity": INFINITY, "vae": VAE, "pn": PN}}
     log(f"training time (data + vae + sft + dpo): {_fmt_time(train_time)}")
     if ship_to is not None:
-        export(dpo, Path(ship_to), info)
+        export(dpo if table["shipped"] == "dpo" else sft, Path(ship_to), info)
         log(f"shipped to {ship_to}")
     return info
 
 
 def asdict_shallow(args: RecipeArgs) -> dict:
-    return {"data": args.data, "vae": args.vae, "sft": args.sft, "dpo": args.dpo, "eval": args.eval}
+    return {"data": args.data, "vae": args.vae, "decoder": args.decoder, "sft": args.sft, "dpo": args.dpo,
+            "eval": args.eval}
+
+
+if __name__ == "__main__":  # the decoder stage's own process (run_recipe starts it)
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "decoder":
+        train_decoder(Path(sys.argv[2]), DecoderArgs(**json.loads(sys.argv[3])), log=lambda m: print(m, flush=True))
+    else:
+        sys.exit("usage: python -m vargpt_mlx.nano.recipe decoder OUT_DIR ARGS_JSON")
