@@ -56,6 +56,25 @@ class TokenizerError(ValueError):
     pass
 
 
+def tokenizer_config(specials: tuple[str, ...]) -> dict:
+    """``tokenizer_config.json`` of a VARGPT tokenizer with these special tokens (chat template included)."""
+    return {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "errors": "replace",
+        "model_max_length": 32768,
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+        "additional_special_tokens": list(specials[1:]),
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
 def build_tokenizer_files(vocab_json: Path, merges_txt: Path, out_dir: Path,
                           vocab_limit: int | None = None) -> dict[str, int]:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` for VARGPT; return special-token ids."""
@@ -83,21 +102,7 @@ def build_tokenizer_files(vocab_json: Path, merges_txt: Path, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     special_ids = {s: tok.token_to_id(s) for s in specials}
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "errors": "replace",
-        "model_max_length": 32768,
-        "split_special_tokens": False,
-        "clean_up_tokenization_spaces": False,
-        "additional_special_tokens": list(specials[1:]),
-        "chat_template": CHAT_TEMPLATE,
-    }
+    config = tokenizer_config(specials)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return special_ids
 

@@ -12,26 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from ..tokenizer import CHAT_TEMPLATE, QWEN2_VL_SPECIAL, SPLIT_PATTERN, VARGPT_SPECIAL, TokenizerError
-
-
-def tokenizer_config(specials: tuple[str, ...]) -> dict:
-    """``tokenizer_config.json`` as ``build_tokenizer_files`` writes it."""
-    return {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "errors": "replace",
-        "model_max_length": 32768,
-        "split_special_tokens": False,
-        "clean_up_tokenization_spaces": False,
-        "additional_special_tokens": list(specials[1:]),
-        "chat_template": CHAT_TEMPLATE,
-    }
+from ..tokenizer import QWEN2_VL_SPECIAL, SPLIT_PATTERN, VARGPT_SPECIAL, TokenizerError, tokenizer_config
 
 
 def build_nano_tokenizer(out_dir: str | Path, corpus_lines: Iterable[str], vocab_size: int = 512,
