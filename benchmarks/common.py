@@ -3,7 +3,7 @@
 ``build_random_checkpoint`` writes a converted (``"format": "mlx"``) checkpoint directory of the
 FULL-SIZE VARGPT-v1.1 architecture (Qwen2-VL vision 675 M + Qwen2-7B + Infinity-2B + BSQ VAE,
 10.95 B parameters) with random weights, quantized exactly as ``vargpt-mlx convert -q`` quantizes
-(``convert.convert.build_outputs``), without ever holding the float model in memory: the model's
+(``vargpt_mlx.convert.convert.build_outputs``), without ever holding the float model in memory: the model's
 parameters are lazy random arrays, and the output tensors are evaluated one module at a time and
 written in shards of ~2 GB. Loading it back goes through the normal loader
 (``vargpt_mlx.loading.load_model``), which memory-maps the safetensors: parts a run never touches
@@ -58,7 +58,7 @@ def build_random_checkpoint(out_dir: str | Path, *, bits: int | None = 4, group_
     """Write a full-size random checkpoint (see the module docstring); returns ``out_dir``."""
     from mlx.utils import tree_flatten
 
-    from convert.convert import QuantSpec, build_outputs
+    from vargpt_mlx.convert.convert import QuantSpec, build_outputs
     from vargpt_mlx.config import VARGPTConfig
     from vargpt_mlx.models.vargpt import VARGPT
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import mlx.core as mx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from convert.convert import QuantSpec, convert_checkpoint, measure_drift, model_outputs, quantize_checkpoint  # noqa: E402
+from vargpt_mlx.convert.convert import QuantSpec, convert_checkpoint, measure_drift, model_outputs, quantize_checkpoint  # noqa: E402
 from vargpt_mlx.loading import load_model  # noqa: E402
 
 

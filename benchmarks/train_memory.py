@@ -64,7 +64,7 @@ def q4_weight_bytes(config: VARGPTConfig) -> tuple[int, int]:
     weights = dict(tree_flatten(VARGPT(config).parameters()))  # lazy: nothing is allocated
     bf16 = sum(v.size * (2 if mx.issubdtype(v.dtype, mx.floating) else v.itemsize) for v in weights.values())
     try:
-        from convert.convert import QuantSpec, build_outputs
+        from vargpt_mlx.convert.convert import QuantSpec, build_outputs
 
         outputs, _ = build_outputs(config, weights, dtype=mx.bfloat16, quant=QuantSpec(bits=4, group_size=64))
         return sum(v.nbytes for v in outputs.values()), bf16
@@ -79,7 +79,7 @@ def q4_weight_bytes(config: VARGPTConfig) -> tuple[int, int]:
 def _part_bytes(config: VARGPTConfig, prefixes: tuple[str, ...]) -> int:
     weights = dict(tree_flatten(VARGPT(config).parameters()))
     try:
-        from convert.convert import QuantSpec, build_outputs
+        from vargpt_mlx.convert.convert import QuantSpec, build_outputs
 
         out, _ = build_outputs(config, weights, dtype=mx.bfloat16, quant=QuantSpec(bits=4, group_size=64))
     except ImportError:

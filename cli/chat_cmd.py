@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import USER_ERRORS, app, err, fail, guarded
+from .app import USER_ERRORS, app, err, fail, guarded
 
 HELP_LINES = (
     "/image PATH  attach an image to your next message (repeat for several)",

@@ -8,14 +8,14 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from cli.app import app, err, guarded, out
+from .app import app, err, guarded, out
 
 _HELP_DTYPE = "Stored float dtype: float16, bfloat16 or float32 (default: as stored in the source)."
 _HELP_SHARD = "Largest output shard, e.g. 5GB, 500MB (a bigger single tensor gets a shard of its own)."
 
 
 def _quant_spec(quantize: bool, bits: Optional[int], group_size: Optional[int], quantize_all: bool):
-    from convert.convert import QuantSpec
+    from ..convert.convert import QuantSpec
 
     if not (quantize or bits is not None or group_size is not None or quantize_all):
         return None
@@ -25,7 +25,7 @@ def _quant_spec(quantize: bool, bits: Optional[int], group_size: Optional[int], 
 
 def _run(plan_fn, out_dir: Path, force: bool):
     """Plan (validation, nothing written), then write with a progress bar over output bytes."""
-    from convert.convert import human_bytes, write_conversion
+    from ..convert.convert import human_bytes, write_conversion
 
     with err.status("checking the source..."):
         plan = guarded(plan_fn)
@@ -66,7 +66,7 @@ def convert_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it holds an earlier conversion."),
 ):
     """Convert an upstream VARGPT-v1.1 checkpoint into an MLX model directory (optionally quantized)."""
-    from convert.convert import check_output_dir, local_source, plan_conversion
+    from ..convert.convert import check_output_dir, local_source, plan_conversion
 
     spec = guarded(lambda: _quant_spec(quantize, q_bits, q_group_size, quantize_all))
     guarded(lambda: check_output_dir(out_dir, force, local_source(source)))  # before any download
@@ -89,7 +89,7 @@ def quantize_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it holds an earlier conversion."),
 ):
     """Quantize a converted (float) MLX directory."""
-    from convert.convert import check_output_dir, local_source, plan_conversion
+    from ..convert.convert import check_output_dir, local_source, plan_conversion
 
     spec = guarded(lambda: _quant_spec(True, q_bits, q_group_size, quantize_all))
     guarded(lambda: check_output_dir(out_dir, force, local_source(source)))

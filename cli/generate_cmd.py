@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import app, err, fail, guarded, out
+from .app import app, err, fail, guarded, out
 
 MODEL_HELP = ("Checkpoint directory or Hugging Face repo id (default: $VARGPT_MODEL; nothing is downloaded "
               "unless you name a repo id).")

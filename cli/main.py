@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from cli.blas import ensure_fast_blas
+from .blas import ensure_fast_blas
 
-from cli import verify_cmd  # noqa: F401  (each module registers its commands on ``app``)
-from cli import convert_cmd  # noqa: F401
-from cli import generate_cmd  # noqa: F401
-from cli import train_cmd  # noqa: F401
-from cli import chat_cmd  # noqa: F401
-from cli import reference_cmd  # noqa: F401
-from cli import serve_cmd  # noqa: F401
-from cli.app import app
+from . import verify_cmd  # noqa: F401  (each module registers its commands on ``app``)
+from . import convert_cmd  # noqa: F401
+from . import generate_cmd  # noqa: F401
+from . import train_cmd  # noqa: F401
+from . import chat_cmd  # noqa: F401
+from . import reference_cmd  # noqa: F401
+from . import serve_cmd  # noqa: F401
+from .app import app
 
 __all__ = ["app", "main"]
 

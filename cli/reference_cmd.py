@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from cli import app as app_mod
-from cli.app import app, err, fail, out
+from . import app as app_mod
+from .app import app, err, fail, out
 
 reference_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Reference outputs from the original VARGPT-v1.1 PyTorch code "

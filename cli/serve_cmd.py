@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.app import app, err, fail, guarded
+from .app import app, err, fail, guarded
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

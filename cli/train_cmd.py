@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from cli.app import app, err, fail, guarded, out
+from .app import app, err, fail, guarded, out
 
 train_app = typer.Typer(no_args_is_help=True,
                         help="Fine-tune (LoRA or full, SFT or DPO); train the nano model from scratch.")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import app, err, fail, guarded, out
+from .app import app, err, fail, guarded, out
 
 
 @app.command()

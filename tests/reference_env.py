@@ -75,7 +75,7 @@ def openblas_env() -> dict:
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """``vargpt-mlx ARGS`` in a subprocess of the test interpreter."""
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "vargpt_mlx.cli.main", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=timeout)
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from vargpt_mlx.cli.main import app
 from tests.test_generate import INPUT_IMAGE
 
 

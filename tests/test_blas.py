@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cli import blas
+from vargpt_mlx.cli import blas
 
 
 @pytest.fixture
@@ -23,11 +23,11 @@ def calls(monkeypatch):
 
 def test_reexecs_once_with_openblas_preloaded(calls, monkeypatch):
     monkeypatch.setattr(blas.ctypes.util, "find_library", lambda name: "libopenblas.so.0")
-    monkeypatch.setattr(blas.sys, "orig_argv", ["python3", "-m", "cli.main", "generate", "x"], raising=False)
+    monkeypatch.setattr(blas.sys, "orig_argv", ["python3", "-m", "vargpt_mlx.cli.main", "generate", "x"], raising=False)
     blas.ensure_fast_blas()
     assert len(calls) == 1
     exe, argv, env = calls[0]
-    assert exe == sys.executable and argv == [sys.executable, "-m", "cli.main", "generate", "x"]
+    assert exe == sys.executable and argv == [sys.executable, "-m", "vargpt_mlx.cli.main", "generate", "x"]
     assert env["LD_PRELOAD"] == "libopenblas.so.0" and env[blas.GUARD] == "1"
     blas.ensure_fast_blas()  # the guard: never twice
     assert len(calls) == 1

@@ -281,8 +281,8 @@ def test_generation_config_eos(pipe, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def cli():
-    import cli.chat_cmd  # noqa: F401  (registers the command)
-    from cli.app import app
+    import vargpt_mlx.cli.chat_cmd  # noqa: F401  (registers the command)
+    from vargpt_mlx.cli.app import app
 
     runner = CliRunner()
 

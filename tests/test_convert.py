@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
-from convert import convert as conv
-from convert.convert import (ConvertError, QuantSpec, build_outputs, convert_checkpoint, measure_drift,
+from vargpt_mlx.cli.main import app
+from vargpt_mlx.convert import convert as conv
+from vargpt_mlx.convert.convert import (ConvertError, QuantSpec, build_outputs, convert_checkpoint, measure_drift,
                              model_outputs, parse_size, quantize_checkpoint)
 from tests.conftest import CKPT, CKPT_BF16, FIXTURES
 from vargpt_mlx.loading import CheckpointError, load_model
@@ -313,7 +313,7 @@ def test_no_tokenizer_is_a_warning_not_an_error(tmp_path):
 def test_offline_repo_id_not_cached_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)
-    r = subprocess.run([sys.executable, "-m", "cli.main", "convert", "VARGPT-family/VARGPT-v1.1", "-o",
+    r = subprocess.run([sys.executable, "-m", "vargpt_mlx.cli.main", "convert", "VARGPT-family/VARGPT-v1.1", "-o",
                         str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "not in the Hugging Face cache" in r.stderr and "Traceback" not in r.stderr

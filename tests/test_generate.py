@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from vargpt_mlx.cli.main import app
 from tests.conftest import FIXTURES
 from vargpt_mlx import api, schedules
 from vargpt_mlx.pipelines import image_generation as ig

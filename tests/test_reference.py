@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from vargpt_mlx.cli.main import app
 from tests import reference_env as env
 from tests.conftest import CKPT
 from vargpt_mlx.reference import ReferenceError, check_upstream, reference_python

@@ -674,7 +674,7 @@ def test_page_in_browser(server, browser, tmp_path):
 def test_cli_serve_bad_options(model_dir):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from vargpt_mlx.cli.main import app
 
     def run(*args):
         return CliRunner().invoke(app, ["serve", *map(str, args)], env={"VARGPT_MODEL": ""})
@@ -700,7 +700,7 @@ def test_cli_serve_end_to_end(model_dir, tmp_path):
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--model", str(model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "vargpt_mlx.cli.main", "serve", "--model", str(model_dir), "--port", str(port),
                              "--api-key", "k3y", "--max-tokens", "4"], stdout=log, stderr=subprocess.STDOUT,
                             cwd=Path(__file__).parent.parent)
     try:

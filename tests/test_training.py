@@ -23,7 +23,7 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from cli.main import app
+from vargpt_mlx.cli.main import app
 from tests.conftest import CKPT
 from vargpt_mlx import api, schedules
 from vargpt_mlx.loading import load_model
@@ -472,7 +472,7 @@ def test_cli_killed_run_resumes_to_the_same_adapters(model_dir, uninterrupted, t
     from the saved step and ends with the adapters of an uninterrupted run."""
     data, ref = uninterrupted
     out = tmp_path / "adapters"
-    cmd = [sys.executable, "-m", "cli.main", "train", "sft", "--model", str(model_dir), "--data", str(data),
+    cmd = [sys.executable, "-m", "vargpt_mlx.cli.main", "train", "sft", "--model", str(model_dir), "--data", str(data),
            "--adapter-path", str(out), *map(str, TRAIN_ARGS)]
     # the same BLAS as the in-process reference run (the CLI would re-execute with OpenBLAS)
     env = dict(os.environ, VARGPT_MLX_NO_OPENBLAS="1")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from vargpt_mlx.cli.main import app
 from tests.conftest import CKPT, FIXTURES
 from vargpt_mlx import tolerances as T
 from vargpt_mlx.tolerances import bits_agree_where_confident, bits_check, compare, measured

@@ -4,11 +4,39 @@
 
 (``vargpt_mlx.chat`` is the function; the module with ``ChatSession`` is imported as
 ``from vargpt_mlx.chat import ChatSession``.)
+
+The four names are imported on first use, so that ``vargpt_mlx.cli`` (the command line, which
+lives in this namespace) starts without loading MLX / mlx-lm for ``--help`` or a rejected option.
 """
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .api import edit_image, generate_image, load  # noqa: E402
-from .chat import chat  # noqa: E402  (rebinds the package attribute from the module to the function)
-
+_LAZY = {"load": "api", "generate_image": "api", "edit_image": "api", "chat": "chat"}
 __all__ = ["load", "chat", "generate_image", "edit_image"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # importing the submodule ``vargpt_mlx.chat`` must not replace the function ``chat``
+        if name == "chat" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

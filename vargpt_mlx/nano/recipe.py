@@ -688,7 +688,7 @@ def smoke_args() -> RecipeArgs:
 
 
 def quantized_copy(src: Path, bits: int, group_size: int = 32) -> Path:
-    from convert.convert import QuantSpec, quantize_checkpoint
+    from vargpt_mlx.convert.convert import QuantSpec, quantize_checkpoint
 
     dst = src.with_name(f"{src.name}-q{bits}")
     if not (dst / "config.json").is_file():
