@@ -356,6 +356,32 @@ def test_cli_draws_image(cli, model_dir, tmp_path, monkeypatch):
     assert len(lines) == 3 and lines[1] and lines[2] == ""  # then the second reply
 
 
+@pytest.mark.parametrize("fam, images", [("txt", []), ("und", [IMG_A])])
+def test_cli_greedy_reply_is_upstream_reference(cli, model_dir, refs, monkeypatch, fam, images):
+    """The chat command decodes the fixture prompt (upstream's token ids, given in place of the
+    template's, which the tiny tokenizer cannot spell) into upstream's greedy tokens."""
+    sessions = []
+    real_init, real_prepare = ChatSession.__init__, ChatSession._prepare
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        sessions.append(self)
+
+    def prepare(self, text, imgs):
+        user_msg, _, pixel_values, grids = real_prepare(self, text, imgs)
+        return user_msg, refs[f"{fam}.input_ids"][0].tolist(), pixel_values, grids
+
+    monkeypatch.setattr(ChatSession, "__init__", init)
+    monkeypatch.setattr(ChatSession, "_prepare", prepare)
+    prompt, ref = refs[f"{fam}.input_ids"], refs[f"{fam}.gen_sequences"]
+    n_new = ref.shape[1] - prompt.shape[1]
+    args = [x for img in images for x in ("--image", img)]
+    r = cli("--model", model_dir, "--max-tokens", n_new, *args, "Describe.")
+    assert r.exit_code == 0, r.output
+    (session,) = sessions
+    assert session.last_turn.tokens == ref[0, prompt.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("case", ["missing_image", "corrupt_image", "empty_prompt", "unknown_model",
                                   "no_model", "bad_adapter", "out_dir_is_file", "bad_top_p", "bad_temp",
                                   "bad_max_tokens"])

@@ -83,7 +83,7 @@ from .image_processor import ImageError, ImageInput
 from .models.rope_index import get_rope_index
 from .models.vargpt import embed_multimodal
 from .pipelines.image_generation import GenerationSettings, generate_from_prefill
-from .text_generation import decode_position_ids
+from .text_generation import decode_position_ids, generate_step, make_sampler
 
 # Stands for the previous assistant reply when rendering the template, to find what follows it.
 _SENTINEL = "\u2063VARGPT-MLX-REPLY\u2063"
@@ -108,7 +108,7 @@ class TurnStats:
     """What one ``send`` did (``ChatSession.last_turn``)."""
 
     prompt_tokens: int = 0  # tokens prefilled for this turn (only the new ones)
-    generated_tokens: int = 0  # tokens chosen, the final eos / start token included
+    tokens: list[int] = field(default_factory=list)  # tokens chosen, the final eos / start token included
     finish: str = ""  # "eos", "length", "image" or "interrupted"
     prompt_s: float = 0.0
     generation_s: float = 0.0
@@ -117,33 +117,16 @@ class TurnStats:
     images: list[Path] = field(default_factory=list)
 
     @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
     def prompt_tps(self) -> float:
         return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
 
     @property
     def generation_tps(self) -> float:
         return self.generated_tokens / self.generation_s if self.generation_s else 0.0
-
-
-def make_seeded_sampler(temp: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array]:
-    """A seeded ``logprobs (1, V) -> token (1,)`` sampler: argmax at ``temp == 0``, else
-    mlx-lm's top-p filter and a categorical draw at ``temp`` with keys split from ``key``
-    (the same draw as ``mlx_lm.sample_utils.make_sampler`` with explicit keys)."""
-    from mlx_lm.sample_utils import apply_top_p
-
-    if temp < 0 or not 0 < top_p <= 1:
-        raise ChatError(f"need temp >= 0 and 0 < top_p <= 1 (got temp={temp}, top_p={top_p})")
-    if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    state = {"key": key}
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        state["key"], sub = mx.random.split(state["key"])
-        if top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
-
-    return sampler
 
 
 def eos_token_ids(pipeline: Pipeline) -> set[int]:
@@ -215,8 +198,10 @@ class ChatSession:
         self.image_settings = image_settings or GenerationSettings()
         self.logits_processors = list(logits_processors)
         self.on_image_scale = on_image_scale
+        if temp < 0 or not 0 < top_p <= 1:
+            raise ChatError(f"need temp >= 0 and 0 < top_p <= 1 (got temp={temp}, top_p={top_p})")
         key_seed = seed if seed is not None else int(time.time() * 1000)
-        self._sampler = make_seeded_sampler(temp, top_p, mx.random.key(key_seed))
+        self._sampler = make_sampler(temp, top_p, mx.random.key(key_seed))
         self._dtype = self.model.model.norm.weight.dtype  # never quantized
         self._hidden_special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self.eos_ids = eos_token_ids(pipeline)
@@ -375,17 +360,19 @@ class ChatSession:
         reply: list[int] = []
         finish = "interrupted"
         t0 = time.perf_counter()
+        steps = generate_step(h, self._feed_token, self.model.lm_head, sampler=self._sampler,
+                              logits_processors=self.logits_processors, history=self.token_ids)
         try:
             for step in range(self.max_tokens):
-                token_id = self._choose(h)
-                stats.generated_tokens += 1
+                token_id, _ = next(steps)  # feeds the previous token first
+                stats.tokens.append(token_id)
                 if token_id in self.eos_ids:
                     finish = "eos"  # not fed: the template's continuation starts with <|im_end|>
                     break
                 if token_id == tok.image_gen_start_token_id:
                     finish = "image"
                     stats.generation_s = time.perf_counter() - t0
-                    yield from self._draw_image(stats)
+                    yield from self._draw_image(stats, steps)
                     break
                 reply.append(token_id)
                 self._pending = [token_id]  # chosen, not yet fed
@@ -396,8 +383,6 @@ class ChatSession:
                         yield piece
                 if step == self.max_tokens - 1:
                     finish = "length"  # upstream stops without feeding it; the next turn does
-                    break
-                h = self._feed_token(token_id)
             detok.finalize()
             piece = detok.last_segment
             if piece:
@@ -414,21 +399,11 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": content})
             stats.finish, stats.text = finish, detok.text
 
-    def _choose(self, h: mx.array) -> int:
-        logits = self.model.lm_head(h[:, -1, :]).astype(mx.float32)
-        if self.logits_processors:
-            history = mx.array(self.token_ids, dtype=mx.int32)
-            for processor in self.logits_processors:
-                logits = processor(history, logits)
-        token = self._sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return int(token.item())
-
-    def _draw_image(self, stats: TurnStats) -> Iterator[ImageEvent]:
+    def _draw_image(self, stats: TurnStats, steps: Iterator[tuple[int, mx.array]]) -> Iterator[ImageEvent]:
         """Upstream's branch: feed the start token, choose (and drop) t2, draw, trim the cache."""
         tok = self.tokens
         t0 = time.perf_counter()
-        h = self._feed_token(tok.image_gen_start_token_id)
-        self._choose(h)  # t2: chosen as upstream does, never embedded
+        next(steps)  # feeds the start token; t2 is chosen as upstream does, never embedded
         self._pending = [tok.image_gen_end_token_id]
         limit = self.model.config.infinity.text_maxlen
         n_ctx = len(self.token_ids) - 1
@@ -472,5 +447,4 @@ def chat(pipeline_or_path: Pipeline | str | Path, prompt: str, images: Sequence[
     return "".join(p for p in session.send(prompt, images) if isinstance(p, str))
 
 
-__all__ = ["ChatError", "ChatSession", "ImageEvent", "TurnStats", "chat", "make_seeded_sampler",
-           "save_png", "ImageError"]
+__all__ = ["ChatError", "ChatSession", "ImageEvent", "TurnStats", "chat", "save_png", "ImageError"]

@@ -1,6 +1,5 @@
-"""Text decoding loop of the language model: what upstream's patched ``_sample`` does for text.
-
-Mirrors transformers 4.46.1 ``generate`` (greedy or sampled) on ``VARGPTQwen2VLForConditionalGeneration``:
+"""The one text decoding loop (``generate_step``), as upstream's patched ``_sample``
+(``patching_utils/vargpt_sample.py``) runs it for text, i.e. transformers 4.46.1 ``generate``:
 
 * prefill with the prompt's M-RoPE positions (``get_rope_index``);
 * each decode step feeds the chosen token's embedding at position ``cache_position + rope_deltas``
@@ -8,11 +7,13 @@ Mirrors transformers 4.46.1 ``generate`` (greedy or sampled) on ``VARGPTQwen2VLF
 * logits processors see the whole token history, prompt included, then argmax or sampling;
 * generation stops after an eos token (which is emitted) or ``max_tokens`` new tokens.
 
-The ``<|image_gen_start|>`` branch of upstream's loop (image generation) is not handled here.
+``ChatSession`` takes the ``<|image_gen_start|>`` branch of that loop (image generation) from the
+same steps.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -40,13 +41,59 @@ def decode_position_ids(position: int) -> mx.array:
     return mx.full((3, 1, 1), position, dtype=mx.int32)
 
 
-def _choose(logits: mx.array, history: mx.array, sampler, logits_processors) -> mx.array:
-    """Processed logits (1, V) -> chosen token (1,): processors, then argmax or ``sampler(logprobs)``."""
-    for processor in logits_processors:
-        logits = processor(history, logits)
-    if sampler is None:
-        return mx.argmax(logits, axis=-1)
-    return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+def make_sampler(temp: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array] | None:
+    """A seeded ``logprobs (1, V) -> token (1,)`` sampler for ``generate_step``: ``None`` (greedy)
+    at ``temp == 0``, else mlx-lm's top-p filter and a categorical draw at ``temp`` with keys split
+    from ``key`` (``mlx_lm.sample_utils.make_sampler``'s draw, without global random state)."""
+    from mlx_lm.sample_utils import apply_top_p
+
+    if temp < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temp >= 0 and 0 < top_p <= 1 (got temp={temp}, top_p={top_p})")
+    if temp == 0:
+        return None
+    state = {"key": key}
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        state["key"], sub = mx.random.split(state["key"])
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+
+    return sampler
+
+
+def generate_step(hidden: mx.array, feed: Callable[[int], mx.array], lm_head: Callable[[mx.array], mx.array],
+                  *, sampler: Callable[[mx.array], mx.array] | None = None,
+                  logits_processors: Sequence[Callable] = (), history: Sequence[int] = (),
+                  ) -> Iterator[tuple[int, mx.array]]:
+    """The decoding loop every text path runs (chat, server, verify, benchmarks).
+
+    Args:
+        hidden: (1, L, H) hidden states whose last row predicts the first token.
+        feed: runs one decode step on a chosen token id and returns its (1, 1, H) hidden states.
+        sampler: callable on log-probabilities (1, V) -> (1,) (``make_sampler``); ``None`` is
+            HF's greedy choice, argmax over the processed logits.
+        logits_processors: ``(history, logits) -> logits`` callables, applied in order.
+        history: the token ids the processors see before the first new token.
+    Yields:
+        ``(token_id, logits)``: each chosen token and the raw float logits (V,) it was chosen
+        from, without end. A token is fed only when the next one is asked for, so the last token
+        a caller takes never enters the cache (as in upstream's loop).
+    """
+    history = mx.array(list(history), dtype=mx.int32)
+    while True:
+        logits = lm_head(hidden[:, -1, :]).astype(mx.float32)
+        raw = logits[0]  # taken first: mlx_lm processors update ``logits`` in place
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        if sampler is None:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        token_id = int(token.item())
+        yield token_id, raw
+        history = mx.concatenate([history, mx.array([token_id], dtype=mx.int32)])
+        hidden = feed(token_id)
 
 
 def stream_generate(llm: Qwen2Model, lm_head: Callable[[mx.array], mx.array], inputs_embeds: mx.array,
@@ -56,7 +103,8 @@ def stream_generate(llm: Qwen2Model, lm_head: Callable[[mx.array], mx.array], in
                     repetition_penalty: float | None = None, max_tokens: int = 256,
                     eos_token_ids: Sequence[int] = (), prompt_ids: Sequence[int] | None = None,
                     ) -> Iterator[tuple[int, mx.array]]:
-    """Stream the new tokens of one prompt (batch 1).
+    """Prefill one prompt (batch 1), then stream ``generate_step``'s tokens up to an eos (emitted)
+    or ``max_tokens``.
 
     Args:
         llm: the language model; ``lm_head`` maps its hidden states to vocabulary logits.
@@ -64,31 +112,23 @@ def stream_generate(llm: Qwen2Model, lm_head: Callable[[mx.array], mx.array], in
         position_ids: (3, 1, L) prefill positions (``get_rope_index``).
         rope_deltas: the prompt's ``rope_deltas`` (0 for text-only prompts).
         cache: per-layer KV caches to continue; a fresh ``llm.make_cache()`` when ``None``.
-        sampler: ``mlx_lm.sample_utils.make_sampler(...)``-style callable on log-probabilities
-            (1, V) -> (1,); ``None`` is greedy argmax over the processed logits.
-        logits_processors: ``(history, logits) -> logits`` callables, applied in order.
         repetition_penalty: HF ``repetition_penalty`` over the whole history
             (``hf_logits_processors``), applied before ``logits_processors`` as HF runs its
             built-in processors before custom ones.
-        max_tokens: most new tokens to produce.
-        eos_token_ids: ids that end generation (emitted before stopping).
         prompt_ids: the prompt's token ids, the start of the history the processors see.
-    Yields:
-        ``(token_id, logits)``: each chosen token and the raw (unprocessed) float logits (V,) it
-        was chosen from.
+        sampler, logits_processors: as ``generate_step``.
     """
     cache = llm.make_cache() if cache is None else cache
-    history = mx.array(list(prompt_ids or ()), dtype=mx.int32)
-    processors = hf_logits_processors(repetition_penalty) + list(logits_processors or ())
+
+    def feed(token_id: int) -> mx.array:
+        pos = decode_position_ids(cache[0].offset + rope_deltas)
+        return llm(llm.embed(mx.array([[token_id]])), pos, cache=cache)
+
     hidden = llm(inputs_embeds, position_ids.astype(mx.int32), cache=cache)
-    for _ in range(max_tokens):
-        logits = lm_head(hidden[:, -1, :]).astype(mx.float32)
-        raw = logits[0]  # taken first: mlx_lm processors update ``logits`` in place
-        token = _choose(logits, history, sampler, processors)
-        token_id = int(token.item())
-        yield token_id, raw
+    processors = hf_logits_processors(repetition_penalty) + list(logits_processors or ())
+    steps = generate_step(hidden, feed, lm_head, sampler=sampler, logits_processors=processors,
+                          history=prompt_ids or ())
+    for token_id, logits in itertools.islice(steps, max_tokens):
+        yield token_id, logits
         if token_id in eos_token_ids:
             return
-        history = mx.concatenate([history, token.astype(mx.int32).reshape(1)])
-        step_pos = decode_position_ids(cache[0].offset + rope_deltas)
-        hidden = llm(llm.embed(token.reshape(1, 1)), step_pos, cache=cache)
