@@ -57,7 +57,7 @@ def run_once(model, ids, settings, n: int, max_scales: int | None, decode: bool)
     t1 = time.perf_counter()
     done = True
     try:
-        ig.generate_images_from_prefill(model, cache, hidden, settings, n=n, on_scale=on_scale, decode=decode)
+        ig.draw_images(model, cache, hidden, settings, n=n, on_scale=on_scale, decode=decode)
     except Stop:
         done = False
     t_end = time.perf_counter()
@@ -117,7 +117,7 @@ def main() -> None:
         if args.sequential and n > 1:
             t0 = time.perf_counter()
             for i in range(n):
-                ig.generate_image(model, ids, ig.GenerationSettings(seed=i))
+                ig.draw_images(model, *ig.prefill_prompt(model, ids), ig.GenerationSettings(seed=i))
             dt = time.perf_counter() - t0
             print(f"n={n} one at a time (prefill each): {dt:.2f} s = {dt / n:.2f} s/image")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .app import USER_ERRORS, app, err, fail, guarded
+from .app import _user_error_types, app, err, fail, guarded, is_env_os_error, model_option, need_model
 
 HELP_LINES = (
     "/image PATH  attach an image to your next message (repeat for several)",
@@ -41,6 +40,8 @@ class _ScaleProgress:
     def __call__(self, k: int, n: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        if not err.is_terminal:  # a bar only on a terminal (a pipe or log file gets no blank line)
+            return
         if self._progress is None:
             self._progress = Progress(TextColumn("drawing image"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), console=err, transient=True)
@@ -56,6 +57,18 @@ class _ScaleProgress:
             self._progress = None
 
 
+def _add_metadata(session, event, prompt: str) -> None:
+    """Rewrite a PNG the model drew with the metadata ``generate`` writes (prompt, seed, settings)
+    and the usual file mode (chat writes it bare, mode 0600)."""
+    from PIL import Image
+
+    from vargpt_mlx import api
+
+    im = Image.fromarray(event.image)
+    im.info.update(api.image_metadata(session.pipeline, "chat", prompt, session.image_settings, event.seed))
+    api.save_image(im, event.path)
+
+
 def _run_turn(session, text: str, images: list[Path], verbose: bool, progress: _ScaleProgress) -> None:
     """Stream one reply to stdout; images the model draws are announced on their own line."""
     from vargpt_mlx.chat import ImageEvent
@@ -69,6 +82,7 @@ def _run_turn(session, text: str, images: list[Path], verbose: bool, progress: _
                 if piece.error:
                     err.print(f"[yellow]no image:[/] {piece.error}", highlight=False, soft_wrap=True)
                 else:
+                    _add_metadata(session, piece, text)
                     h, w = piece.image.shape[:2]
                     _emit(("\n" if line_open else "") + f"[image {w}x{h} saved to {piece.path}]")
                     line_open = True
@@ -125,7 +139,7 @@ def _interactive(session, images: list[Path], verbose: bool, progress: _ScalePro
                 continue
             try:
                 _check_images([path])
-            except USER_ERRORS as e:
+            except _user_error_types() as e:
                 err.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False, soft_wrap=True)
                 continue
             pending.append(path)
@@ -139,8 +153,12 @@ def _interactive(session, images: list[Path], verbose: bool, progress: _ScalePro
             _run_turn(session, line, pending, verbose, progress)
         except KeyboardInterrupt:
             err.print("[interrupted: the reply so far stays in the conversation]", highlight=False)
-        except USER_ERRORS as e:
-            err.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False, soft_wrap=True)
+        except _user_error_types() as e:
+            err.print(f"[bold red]error:[/] {str(e).splitlines()[0]}", highlight=False, soft_wrap=True, markup=False)
+        except OSError as e:
+            if not is_env_os_error(e):
+                raise
+            err.print(f"error: {e.strerror or e}: {e.filename}", highlight=False, soft_wrap=True, markup=False)
         pending.clear()
 
 
@@ -148,10 +166,7 @@ def _interactive(session, images: list[Path], verbose: bool, progress: _ScalePro
 def chat(
     prompt: Optional[str] = typer.Argument(
         None, help="Message to answer (one-shot). Without it: an interactive session on stdin."),
-    model: Optional[str] = typer.Option(
-        None, "--model", envvar="VARGPT_MODEL",
-        help="Checkpoint directory or Hugging Face repo id (default: $VARGPT_MODEL; nothing is downloaded "
-             "unless you name a repo id)."),
+    model: Optional[str] = model_option(),
     image: list[Path] = typer.Option(
         [], "--image", help="Image for the (first) message; repeat for several. The text comes before the "
                             "images, as upstream's examples put it."),
@@ -165,7 +180,8 @@ def chat(
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Directory with the tokenizer files, if the model has none."),
-    out_dir: Path = typer.Option(Path("."), "--out-dir", help="Where images the model draws are written."),
+    out_dir: Path = typer.Option(Path("."), "--out-dir", help="Existing directory where images the model draws are "
+                                                            "written (PNGs with prompt, seed and settings)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speeds per reply."),
 ):
     """Chat with the model: streams the reply; the model may also draw an image (saved as PNG).
@@ -174,10 +190,7 @@ def chat(
     """
     if prompt is not None and not prompt.strip():
         fail("empty prompt")
-    if not model:
-        fail("no model given: pass --model DIR_OR_REPO or set VARGPT_MODEL")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} exists and is not a directory")
+    model = need_model(model)
     if max_tokens < 1:
         fail("--max-tokens must be >= 1")
     if temp < 0:
@@ -186,8 +199,13 @@ def chat(
         fail("--top-p must be in (0, 1]")
     if seed is not None and not 0 <= seed < 2**63:
         fail(f"--seed must be in [0, 2**63), got {seed}")
-    if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
-        fail(f"--out-dir {out_dir} is not writable (drawn images would be lost)")
+    from vargpt_mlx.files import check_writable_dir
+
+    guarded(lambda: check_writable_dir(out_dir, "--out-dir"))  # else drawn images would be lost
+    if tokenizer is not None and not tokenizer.is_dir():
+        fail(f"--tokenizer {tokenizer} is not a directory")
+    if adapter_path is not None and not adapter_path.exists():
+        fail(f"adapter path {adapter_path} does not exist")
     guarded(lambda: _check_images(image))
 
     from vargpt_mlx.api import load

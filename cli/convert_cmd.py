@@ -50,7 +50,8 @@ def _run(plan_fn, out_dir: Path, force: bool):
 def convert_command(
     source: str = typer.Argument(..., metavar="SOURCE", help="Upstream checkpoint directory or Hugging Face repo id "
                                            "(VARGPT-family/VARGPT-v1.1, VARGPT-family/VARGPT-v1.1-edit)."),
-    out_dir: Path = typer.Option(..., "-o", "--out", metavar="OUT_DIR", help="Output MLX model directory."),
+    out_dir: Path = typer.Option(..., "-o", "--output", "--out", metavar="OUT_DIR",
+                                 help="Output MLX model directory (created; its parent must exist)."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize (MLX affine, mlx-lm layout)."),
     q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8 "
                                                                  "(default 4; implies -q)."),
@@ -77,7 +78,8 @@ def convert_command(
 @app.command("quantize")
 def quantize_command(
     source: str = typer.Argument(..., metavar="IN_MLX_DIR", help="A float MLX directory written by `vargpt-mlx convert`."),
-    out_dir: Path = typer.Option(..., "-o", "--out", metavar="OUT_DIR", help="Output MLX model directory."),
+    out_dir: Path = typer.Option(..., "-o", "--output", "--out", metavar="OUT_DIR",
+                                 help="Output MLX model directory (created; its parent must exist)."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size: 32, 64 or 128."),
     quantize_all: bool = typer.Option(False, "--quantize-all", help="Also quantize lm_head, embed_tokens, the "

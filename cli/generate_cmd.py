@@ -9,14 +9,11 @@ from typing import Optional
 
 import typer
 
-from .app import app, err, fail, guarded, out
-
-MODEL_HELP = ("Checkpoint directory or Hugging Face repo id (default: $VARGPT_MODEL; nothing is downloaded "
-              "unless you name a repo id).")
+from .app import UserError, app, check_aspect_option, err, fail, guarded, model_option, need_model, out
 
 
 def _model_opt():
-    return typer.Option(None, "--model", "-m", envvar="VARGPT_MODEL", help=MODEL_HELP)
+    return model_option()
 
 
 class _Progress:
@@ -31,6 +28,8 @@ class _Progress:
     def __call__(self, k: int, n_scales: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        if not err.is_terminal:  # a bar only on a terminal (a pipe or log file gets no blank line)
+            return
         if self.progress is None:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("scales"), TimeElapsedColumn(), console=err, transient=True)
@@ -50,31 +49,40 @@ def _run(mode: str, prompt: str, image: Optional[Path], model: Optional[str], ou
          seed: Optional[int], cfg: float, tau: float, top_k: int, top_p: float, pn: Optional[str], aspect: str,
          tokenizer: Optional[Path], adapter_path: Optional[Path], batch_size: Optional[int],
          assistant_prefix: Optional[str]) -> None:
-    from vargpt_mlx import api, schedules
-    from vargpt_mlx.image_processor import smart_resize
+    from vargpt_mlx import options
 
-    text = prompt.replace(api.IMAGE_MARKER, "") if mode == "edit" else prompt
+    text = prompt.replace("<image>", "") if mode == "edit" else prompt
     if not text.strip():
         fail("empty prompt")
-    if not model:
-        fail("no model given: pass --model DIR_OR_REPO or set VARGPT_MODEL")
+    model = need_model(model)
 
-    def check():
-        if n < 1:
-            raise ValueError(f"--n must be >= 1, got {n}")
+    def check():  # light checks first: nothing heavy is imported for a rejected option
+        if not 1 <= n <= options.MAX_IMAGES:
+            raise UserError(f"--n must be in 1..{options.MAX_IMAGES}, got {n}")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        settings = api.make_settings(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, pn=pn, aspect=aspect)
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        options.check_sampling(seed=seed if seed is not None else 0, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
+        options.normalize_pn(pn)
+        options.check_aspect(check_aspect_option(aspect))
+        if output.suffix.lower() != ".png":
+            raise UserError(f"output {output} must be a .png file (settings are stored in PNG text chunks)")
+        if adapter_path is not None and not adapter_path.exists():
+            raise UserError(f"adapter path {adapter_path} does not exist")
+        if tokenizer is not None and not tokenizer.is_dir():
+            raise UserError(f"--tokenizer {tokenizer} is not a directory")
+        from vargpt_mlx import api
+        from vargpt_mlx.image_processor import smart_resize
+
         paths = api.output_paths(output, n)
         api.check_output_paths(paths)
-        if adapter_path is not None and not adapter_path.exists():
-            raise FileNotFoundError(f"adapter path {adapter_path} does not exist")
+        settings = api.make_settings(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, pn=pn, aspect=aspect)
         if image is not None:  # fail on a bad input image before loading the model
             src = api.prepare_edit_image(image)
             smart_resize(src.height, src.width)
         return settings, paths
 
     settings, paths = guarded(check)
+    from vargpt_mlx import api, schedules
 
     def setup():
         with err.status(f"loading {model}..."):
@@ -138,8 +146,8 @@ def generate(
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
     pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
                                                         "(default: the checkpoint's, 0.25M = 512x512)."),
-    aspect: str = typer.Option("1:1", "--aspect", help="Width:height, e.g. 1:1, 4:3, 16:9, 9:16 (snapped to the "
-                                                       "nearest of 15 ratios from 3:1 to 1:3)."),
+    aspect: str = typer.Option("1:1", "--aspect", help="Width:height (W:H), e.g. 1:1, 4:3, 16:9, 9:16; snapped to the "
+                                                       "nearest of 15 ratios from 3:1 to 1:3."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Directory with the tokenizer files, if the model has none."),
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
@@ -170,7 +178,7 @@ def edit(
     top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
     pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
                                                         "(default: the checkpoint's, 0.25M = 512x512)."),
-    aspect: str = typer.Option("1:1", "--aspect", help="Width:height of the output, e.g. 1:1, 4:3, 16:9."),
+    aspect: str = typer.Option("1:1", "--aspect", help="Width:height (W:H) of the output, e.g. 1:1, 4:3, 16:9."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Directory with the tokenizer files, if the model has none."),
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from . import app as app_mod
-from .app import app, err, fail, out
+from .app import app, check_aspect_option, err, fail, guarded, out
 
 reference_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Reference outputs from the original VARGPT-v1.1 PyTorch code "
@@ -29,7 +28,7 @@ def _run(args: list[str], python: Optional[str], upstream: Path) -> dict:
         return run_worker(args, python=python, debug=app_mod._debug,
                           on_line=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
     except ReferenceError as e:
-        fail(escape(str(e)), e.code)
+        fail(str(e), e.code)
 
 
 @reference_app.command("random")
@@ -38,7 +37,8 @@ def random_cmd(
     sizes: str = typer.Option(..., "--sizes", help="Preset (tiny, 025m, real) and/or key=value overrides, "
                                                    "e.g. 'tiny,llm_kv_heads=1,llm_dim=96,mrope=4:4:4'."),
     seed: int = typer.Option(0, "--seed", help="Seed of every weight."),
-    out_dir: Path = typer.Option(..., "--out", help="Checkpoint directory to write (new or empty)."),
+    out_dir: Path = typer.Option(..., "-o", "--output", "--out",
+                                 help="Checkpoint directory to write (new or empty; its parent must exist)."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32 or bfloat16."),
     python: Optional[str] = typer.Option(None, "--python", help=_HELP_PYTHON),
 ):
@@ -48,11 +48,14 @@ def random_cmd(
     try:
         parse_sizes(sizes)
     except SizeError as e:
-        fail(escape(str(e)))
+        fail(str(e))
     if dtype not in ("float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {dtype}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         fail(f"output directory {out_dir} exists and is not empty")
+    from vargpt_mlx.files import check_output_dir
+
+    guarded(lambda: check_output_dir(out_dir, "--output"))
     res = _run(["random", "--upstream", str(upstream), "--sizes", sizes, "--seed", str(seed),
                 "--out", str(out_dir), "--dtype", dtype], python, upstream)
     out.print(f"wrote {res.get('out')} ({res.get('parameters', 0):,} parameters, {dtype}, seed {seed})",
@@ -62,8 +65,9 @@ def random_cmd(
 @reference_app.command("record")
 def record_cmd(
     upstream: Path = typer.Option(..., "--upstream", help=_HELP_UPSTREAM),
-    model: str = typer.Option(..., "--model", help="Upstream checkpoint: a local directory or a hub repo id."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for refs.safetensors + refs.json."),
+    model: str = typer.Option(..., "--model", "-m", help="Upstream checkpoint: a local directory or a hub repo id."),
+    out_dir: Optional[Path] = typer.Option(None, "-o", "--output", "--out",
+                                           help="Folder for refs.safetensors + refs.json (its parent must exist)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="Reference compute dtype: float32 or bfloat16."),
     image: Optional[Path] = typer.Option(None, "--image", help="Understanding image (also the VAE / training "
@@ -86,7 +90,11 @@ def record_cmd(
     from vargpt_mlx.schedules import resolve_aspect
 
     if out_dir is None and annotate is None:
-        fail("--out is required (or --annotate REFS_FILE)")
+        fail("--output is required (or --annotate REFS_FILE)")
+    if out_dir is not None:
+        from vargpt_mlx.files import check_output_dir
+
+        guarded(lambda: check_output_dir(out_dir, "--output"))
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device}")
     if dtype not in ("float32", "bfloat16"):
@@ -97,10 +105,7 @@ def record_cmd(
         fail(f"image {image} does not exist")
     if prompt is not None and not prompt.strip():
         fail("--prompt is empty")
-    try:
-        h_div_w = resolve_aspect(aspect)
-    except ValueError as e:
-        fail(escape(str(e)))
+    h_div_w = guarded(lambda: resolve_aspect(check_aspect_option(aspect)))
     args = ["record", "--upstream", str(upstream), "--model", model, "--device", device, "--dtype", dtype,
             "--seed", str(seed), "--aspect", repr(h_div_w), "--rerun", rerun]
     for flag, val in (("--out", out_dir), ("--image", image), ("--prompt", prompt), ("--tokenizer", tokenizer),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, err, fail, guarded
+from .app import app, err, fail, guarded, model_option
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -32,9 +32,7 @@ def _check_bind(host: str, port: int) -> None:
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m", envvar="VARGPT_MODEL",
-        help="Checkpoint directory, Hugging Face repo id or shipped model name (default: $VARGPT_MODEL)."),
+    model: Optional[str] = model_option(),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
                                              help="Directory with the tokenizer files, if the model has none."),
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
@@ -52,7 +50,8 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Reply length for chat requests without max_tokens."),
     temp: float = typer.Option(0.0, "--temp", help="Temperature for chat requests without one (0: greedy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir",
-                                           help="Also keep images the model draws in chat here (default: not kept)."),
+                                           help="Also keep images the model draws in chat in this existing directory "
+                                                "(default: not kept)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size",
                                              help="Images drawn together per request (default: all n)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
@@ -73,14 +72,20 @@ def serve(
         fail("--port must be in 1..65535")
     if max_queue is not None and max_queue < 0:
         fail("--max-queue must be >= 0")
-    if max_body_mb <= 0 or max_image_pixels <= 0 or max_tokens < 1 or (batch_size is not None and batch_size < 1):
+    if not max_body_mb > 0 or max_body_mb == float("inf") or max_image_pixels <= 0 or max_tokens < 1 or (batch_size is not None and batch_size < 1):
         fail("--max-body-mb, --max-image-pixels, --max-tokens and --batch-size must be positive")
     if not 0 <= temp <= 2:
         fail("--temp must be in [0, 2]")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         fail("--log-level must be debug, info, warning or error")
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} exists and is not a directory")
+    if out_dir is not None:
+        from vargpt_mlx.files import check_writable_dir
+
+        guarded(lambda: check_writable_dir(out_dir, "--out-dir"))
+    if tokenizer is not None and not tokenizer.is_dir():
+        fail(f"--tokenizer {tokenizer} is not a directory")
+    if adapter_path is not None and not adapter_path.exists():
+        fail(f"adapter path {adapter_path} does not exist")
 
     _check_bind(host, port)  # before the model loads
 

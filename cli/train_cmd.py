@@ -11,13 +11,12 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .app import app, err, fail, guarded, out
+from .app import UserError, app, check_aspect_option, err, fail, guarded, model_option, need_model, out
 
 train_app = typer.Typer(no_args_is_help=True,
                         help="Fine-tune (LoRA or full, SFT or DPO); train the nano model from scratch.")
 app.add_typer(train_app, name="train")
 
-MODEL_HELP = "Model directory or Hugging Face repo id (default: $VARGPT_MODEL)."
 
 
 def _fmt_time(s: float) -> str:
@@ -26,10 +25,7 @@ def _fmt_time(s: float) -> str:
 
 
 def _model_arg(model: Optional[str]) -> str:
-    model = model or os.environ.get("VARGPT_MODEL")
-    if not model:
-        fail("no model given: pass --model or set VARGPT_MODEL")
-    return model
+    return need_model(model or os.environ.get("VARGPT_MODEL"))
 
 
 def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Path, val_data: Optional[Path],
@@ -132,7 +128,7 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
     else:
         err.print(f"LoRA: rank {cfg.rank}, scale {cfg.scale}, {len(cfg.modules)} layers on {','.join(cfg.targets)}; "
                   f"trainable {n_train / 1e6:.3f}M of {n_all / 1e6:.1f}M parameters")
-    adapter_path.mkdir(parents=True, exist_ok=True)
+    adapter_path.mkdir(exist_ok=True)  # its parent was checked before loading
     log_file = adapter_path / "train_log.jsonl"
     if not resume and log_file.exists():
         log_file.unlink()
@@ -183,21 +179,74 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
     out.print(f"done: {result.steps} steps, final loss {result.last_loss:.4f}; adapters in {adapter_path}")
 
 
+def _check_inputs(kind: str, e: dict, kw: dict) -> None:
+    """Every option and path of ``train sft|dpo``, before anything is loaded or written."""
+    import math
+
+    from vargpt_mlx.api import normalize_pn
+    from vargpt_mlx.files import check_input_file, check_output_dir
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    def finite(x) -> bool:
+        return x is not None and math.isfinite(x)
+
+    need(finite(kw["learning_rate"]) and kw["learning_rate"] > 0, "--learning-rate must be a finite number > 0")
+    need(kw["iters"] >= 1, "--iters must be >= 1")
+    need(e["seed"] is None or 0 <= e["seed"] < 2**63, f"--seed must be in [0, 2**63), got {e['seed']}")
+    need(kw.get("fine_tune_type", "lora") in ("lora", "full"),
+         f"--fine-tune-type must be lora or full, not {kw.get('fine_tune_type')!r}")
+    for opt, key in (("--batch-size", "batch_size"), ("--grad-accum", "grad_accum"), ("--lora-rank", "lora_rank")):
+        need(e[key] is None or e[key] >= 1, f"{opt} must be >= 1, got {e[key]}")
+    need(kw["save_every"] >= 1, f"--save-every must be >= 1, got {kw['save_every']}")
+    need(kw["steps_per_eval"] >= 1, f"--steps-per-eval must be >= 1, got {kw['steps_per_eval']}")
+    need(kw["val_batches"] == -1 or kw["val_batches"] >= 1, "--val-batches must be -1 (all) or >= 1")
+    need(finite(kw["weight_decay"]) and kw["weight_decay"] >= 0, "--weight-decay must be a finite number >= 0")
+    need(e["lora_scale"] is None or (finite(e["lora_scale"]) and e["lora_scale"] > 0),
+         "--lora-scale must be a finite number > 0")
+    need(e["lora_dropout"] is None or (finite(e["lora_dropout"]) and 0 <= e["lora_dropout"] < 1),
+         "--lora-dropout must be in [0, 1)")
+    need(e["lora_layers"] is None or e["lora_layers"] == -1 or e["lora_layers"] >= 1,
+         "--lora-layers must be -1 (all) or >= 1")
+    need(e["optimizer"] is None or e["optimizer"] in ("adam", "adamw"), "--optimizer must be adam or adamw")
+    if e["targets"] is not None:
+        names = [t.strip() for t in e["targets"].split(",") if t.strip()]
+        bad = [t for t in names if t not in ("llm", "infinity", "vision")]
+        need(bool(names) and not bad, f"--targets must be a comma list of llm, infinity, vision, not {e['targets']!r}")
+    need(e["beta"] is None or (finite(e["beta"]) and e["beta"] > 0), "--beta must be a finite number > 0")
+    need(e["dpo_loss"] is None or e["dpo_loss"] in ("sigmoid", "ipo"), "--loss must be sigmoid or ipo")
+    need(e["text_loss"] is None or e["text_loss"] in ("upstream", "assistant"),
+         "--text-loss must be upstream or assistant")
+    need(e["bit_flip"] is None or (finite(e["bit_flip"]) and 0 <= e["bit_flip"] <= 1), "--bit-flip must be in [0, 1]")
+    if kw.get("pn") is not None:
+        normalize_pn(kw["pn"])
+    check_aspect_option(kw.get("gen_aspect"), "--gen-aspect")
+    if kw.get("gen_aspect") is not None:
+        from vargpt_mlx.api import check_aspect
+
+        check_aspect(kw["gen_aspect"])
+    check_input_file(kw["data"], "--data")
+    if kw.get("val_data") is not None:
+        check_input_file(kw["val_data"], "--val-data")
+    if kw.get("tokenizer") is not None:
+        need(kw["tokenizer"].is_dir(), f"--tokenizer {kw['tokenizer']} is not a directory")
+    adapter_path = kw["adapter_path"]
+    if kw.get("resume"):
+        need(adapter_path.is_dir(), f"--resume: no training checkpoint in {adapter_path} (it does not exist)")
+    check_output_dir(adapter_path, "--adapter-path")
+    _model_arg(kw.get("model"))
+
+
 def _common(kind: str, **kw):
     explicit_keys = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_scale", "lora_dropout", "lora_layers",
                      "targets", "lora_mlp", "optimizer", "text_loss", "beta", "dpo_loss", "bit_flip")
     explicit = {k: kw.pop(k, None) for k in explicit_keys}
-    if not kw["learning_rate"] > 0:
-        fail("--learning-rate must be > 0")
-    if kw["iters"] < 1:
-        fail("--iters must be >= 1")
-    if kw.get("seed") is not None and not 0 <= kw["seed"] < 2**63:
-        fail(f"--seed must be in [0, 2**63), got {kw['seed']}")
+    guarded(lambda: _check_inputs(kind, explicit, kw))
     options = {"iters": kw.pop("iters"), "learning_rate": kw.pop("learning_rate"), "save_every": kw.pop("save_every"),
                "steps_per_eval": kw.pop("steps_per_eval"), "val_batches": kw.pop("val_batches"),
                "grad_checkpoint": kw.pop("grad_checkpoint"), "weight_decay": kw.pop("weight_decay")}
-    if kw.get("fine_tune_type", "lora") not in ("lora", "full"):
-        fail(f"--fine-tune-type must be lora or full, not {kw['fine_tune_type']!r}")
     _run(kind, explicit=explicit, options=options, **kw)
 
 
@@ -212,27 +261,27 @@ def sft(
     fine_tune_type: str = _O("lora", "--fine-tune-type",
                              help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
                                   "holds all trained weights)."),
-    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    model: Optional[str] = model_option(),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
     iters: int = _O(100, "--iters", help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Samples per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
-    learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
+    learning_rate: float = _O(1e-5, "--learning-rate", "--lr", help="Learning rate (constant)."),
     optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
-    weight_decay: float = _O(0.01, "--weight-decay", help="AdamW weight decay."),
-    lora_rank: Optional[int] = _O(None, "--lora-rank", help="Default 8."),
-    lora_scale: Optional[float] = _O(None, "--lora-scale", help="Default 20.0."),
-    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Default 0.0."),
+    weight_decay: float = _O(0.01, "--weight-decay", help="Weight decay (with --optimizer adamw)."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (default 8)."),
+    lora_scale: Optional[float] = _O(None, "--lora-scale", help="LoRA scale: the update is scale x B A (default 20.0)."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Dropout on the LoRA input, in [0, 1) (default 0.0)."),
     lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
     targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
     lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
     grad_checkpoint: bool = _O(False, "--grad-checkpoint",
                                help="Save memory: recompute layers in backward, chunk long attention / MLPs."),
-    steps_per_eval: int = _O(200, "--steps-per-eval"),
+    steps_per_eval: int = _O(200, "--steps-per-eval", help="Validation every N updates (with --val-data)."),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", help="Seed of data order, LoRA init and dropout (default 0)."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     text_loss: Optional[str] = _O(None, "--text-loss",
@@ -245,10 +294,6 @@ def sft(
                                    help="Aspect of generation targets, e.g. 1:1 (default: nearest to each image)."),
 ):
     """LoRA supervised fine-tuning (text CE + 3.0 x bit CE for image targets)."""
-    if text_loss is not None and text_loss not in ("upstream", "assistant"):
-        fail(f"--text-loss must be upstream or assistant, not {text_loss!r}")
-    if bit_flip is not None and not 0.0 <= bit_flip <= 1.0:
-        fail("--bit-flip must be in [0, 1]")
     _common("sft", **locals())
 
 
@@ -259,57 +304,65 @@ def dpo(
     fine_tune_type: str = _O("lora", "--fine-tune-type",
                              help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
                                   "holds all trained weights)."),
-    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    model: Optional[str] = model_option(),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
-    beta: Optional[float] = _O(None, "--beta", help="Default 0.1."),
+    beta: Optional[float] = _O(None, "--beta", help="DPO beta: strength of the pull towards the reference (default 0.1)."),
     dpo_loss: Optional[str] = _O(None, "--loss", help="sigmoid or ipo (default sigmoid)."),
     iters: int = _O(100, "--iters", help="Optimizer updates."),
     batch_size: Optional[int] = _O(None, "--batch-size", help="Pairs per micro-batch (default 1)."),
     grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
-    learning_rate: float = _O(1e-5, "--learning-rate", "--lr"),
+    learning_rate: float = _O(1e-5, "--learning-rate", "--lr", help="Learning rate (constant)."),
     optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
-    weight_decay: float = _O(0.01, "--weight-decay", help="AdamW weight decay."),
-    lora_rank: Optional[int] = _O(None, "--lora-rank", help="Default 8."),
-    lora_scale: Optional[float] = _O(None, "--lora-scale", help="Default 20.0."),
-    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Default 0.0."),
+    weight_decay: float = _O(0.01, "--weight-decay", help="Weight decay (with --optimizer adamw)."),
+    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (default 8)."),
+    lora_scale: Optional[float] = _O(None, "--lora-scale", help="LoRA scale: the update is scale x B A (default 20.0)."),
+    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Dropout on the LoRA input, in [0, 1) (default 0.0)."),
     lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
     targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
     lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
     grad_checkpoint: bool = _O(False, "--grad-checkpoint",
                                help="Save memory: recompute layers in backward, chunk long attention / MLPs, "
                                     "back-propagate one response at a time."),
-    steps_per_eval: int = _O(200, "--steps-per-eval"),
+    steps_per_eval: int = _O(200, "--steps-per-eval", help="Validation every N updates (with --val-data)."),
     val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
     save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Default 0."),
+    seed: Optional[int] = _O(None, "--seed", help="Seed of data order, LoRA init and dropout (default 0)."),
     resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
     overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
     pn: Optional[str] = _O(None, "--pn", help="Image resolution of image preferences (default: the model's)."),
     gen_aspect: Optional[str] = _O(None, "--gen-aspect", help="Aspect of image preferences (default: nearest)."),
 ):
     """LoRA DPO: reference = the base with adapters disabled (log-probs computed once)."""
-    if dpo_loss is not None and dpo_loss not in ("sigmoid", "ipo"):
-        fail(f"--loss must be sigmoid or ipo, not {dpo_loss!r}")
-    if beta is not None and not beta > 0:
-        fail("--beta must be > 0")
     _common("dpo", text_loss=None, bit_flip=None, **locals())
 
 
 @app.command()
 def fuse(
     adapter_path: Path = _O(..., "--adapter-path", help="Adapters written by `train`."),
-    output: Path = _O(..., "-o", "--output", help="Output model directory."),
-    model: Optional[str] = _O(None, "--model", help=MODEL_HELP),
+    output: Path = _O(..., "-o", "--output", help="Output model directory (created; its parent must exist)."),
+    model: Optional[str] = model_option(),
     tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer files to copy (when the model has none)."),
     de_quantize: bool = _O(False, "--de-quantize", help="Write a float model even if the base is quantized."),
     force: bool = _O(False, "--force", help="Replace an existing output directory."),
 ):
     """Merge LoRA adapters into the base weights: a standalone MLX model directory."""
+    model = _model_arg(model)
+
+    def check():
+        from vargpt_mlx.files import check_output_dir
+
+        if not adapter_path.is_dir():
+            raise UserError(f"adapter path {adapter_path} does not exist or is not a directory")
+        if tokenizer is not None and not tokenizer.is_dir():
+            raise UserError(f"--tokenizer {tokenizer} is not a directory")
+        if output.exists() and not force:
+            raise UserError(f"{output} already exists (pass --force to replace it)")
+        check_output_dir(output, "--output")
+
+    guarded(check)
     from vargpt_mlx.hub import resolve_model_path
     from vargpt_mlx.training.fuse import fuse_to_dir
-
-    model = _model_arg(model)
 
     def run():
         with err.status(f"fusing {adapter_path} into {model}..."):
@@ -322,7 +375,9 @@ def fuse(
 
 @train_app.command("nano")
 def nano(
-    out_dir: Path = _O(..., "--out", help="Working directory: data, stage checkpoints, models, eval.json."),
+    out_dir: Path = _O(..., "-o", "--output", "--out",
+                       help="Working directory: data, stage checkpoints, models, eval.json (created; its parent "
+                            "must exist)."),
     ship: bool = _O(False, "--ship", help="Install the result as the package's --model nano."),
     smoke: bool = _O(False, "--smoke", help="A few steps of every stage (checks that the recipe runs)."),
     stop_after: Optional[str] = _O(None, "--stop-after", help="Stop after this stage: data, vae, sft or dpo."),
@@ -333,8 +388,9 @@ def nano(
 
     if stop_after is not None and stop_after not in recipe.STAGES[:4]:
         fail(f"--stop-after must be one of {', '.join(recipe.STAGES[:4])}")
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out {out_dir} is not a directory")
+    from vargpt_mlx.files import check_output_dir
+
+    guarded(lambda: check_output_dir(out_dir, "--output"))
 
     def log(msg: str):
         err.print(msg, markup=False, highlight=False, soft_wrap=True)

@@ -10,21 +10,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .app import app, err, fail, guarded, out
+from .app import UserError, app, err, guarded, out
 
 
 @app.command()
 def verify(
-    model: Path = typer.Option(..., "--model", help="Upstream checkpoint directory."),
-    refs: Path = typer.Option(..., "--refs", help="Reference outputs (refs.json must lie beside it)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Upstream checkpoint directory."),
+    refs: Path = typer.Option(..., "--refs", help="Reference outputs: a refs*.safetensors file (refs.json must lie "
+                                                  "beside it)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every check (family, name, max abs "
                                                                   "err, bound, result, rule, note) to this file."),
 ):
     """Compare a checkpoint with upstream PyTorch reference outputs, component by component."""
     from vargpt_mlx.verify import Verifier, verify as run_verify
 
-    if not refs.is_file():
-        fail(f"refs file {refs} does not exist")
+    def check():
+        from vargpt_mlx.files import check_new_file, check_safetensors
+
+        if not model.is_dir():
+            raise UserError(f"model path {model} does not exist or is not a directory")
+        check_safetensors(refs, "--refs")
+        if not (refs.parent / "refs.json").is_file():
+            raise UserError(f"--refs {refs}: no refs.json beside it ({refs.parent / 'refs.json'} does not exist)")
+        if json_out is not None:
+            check_new_file(json_out, "--json")
+
+    guarded(check)  # before anything is loaded
 
     def run():
         with err.status("verifying...") as status:

@@ -44,9 +44,11 @@ from vargpt_mlx.hub import resolve_model_path
 from vargpt_mlx.loading import CheckpointError, check_weights, load_config, load_raw_weights, weight_files
 from vargpt_mlx.models.vargpt import VARGPT, sanitize
 from vargpt_mlx.tokenizer import TOKENIZER_FILES, TokenizerError, check_token_ids, load_tokenizer
+from vargpt_mlx.errors import InputError
+from vargpt_mlx.files import check_output_dir as check_output_dir_writable
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError):
     """A conversion that cannot be done (bad source, bad options, unsafe output directory)."""
 
 
@@ -426,6 +428,7 @@ def check_output_dir(out_dir: str | Path, force: bool = False, source: Path | No
         if not _replaceable(out):
             raise ConvertError(f"{out} exists and is not a converted VARGPT directory; refusing to "
                                "replace it (choose another output directory)")
+    check_output_dir_writable(out_dir, "output directory")  # the parent must exist: it is never created
     return out
 
 
@@ -444,8 +447,10 @@ def _hidden_dir(out: Path, kind: str) -> Path:
 @contextmanager
 def _staging(out: Path, force: bool) -> Iterator[Path]:
     """A hidden temporary directory beside ``out``, renamed to ``out`` on success, removed on error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _hidden_dir(out, "partial")
+    try:
+        tmp = _hidden_dir(out, "partial")
+    except OSError as e:  # name the user's directory, not the hidden one
+        raise OSError(e.errno, e.strerror or str(e), str(out)) from None
     try:
         yield tmp
         check_output_dir(out, force)
@@ -456,6 +461,11 @@ def _staging(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename and str(e.filename).startswith(str(tmp)):  # name the user's directory
+            raise OSError(e.errno, e.strerror or str(e), str(out)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -554,7 +564,7 @@ def model_outputs(model: VARGPT, refs: dict[str, np.ndarray], schedule: list[tup
     CFG bit logits of image generation teacher-forced with the reference bits (all scales)."""
     from vargpt_mlx.models.rope_index import get_rope_index, plain_position_ids
     from vargpt_mlx.models.vargpt import embed_multimodal
-    from vargpt_mlx.pipelines.image_generation import GenerationSettings, generate_image
+    from vargpt_mlx.pipelines.image_generation import GenerationSettings, draw_images, prefill_prompt
 
     tok = model.config.tokens
     out = {}
@@ -569,10 +579,10 @@ def model_outputs(model: VARGPT, refs: dict[str, np.ndarray], schedule: list[tup
                             spatial_merge_size=model.config.vision.spatial_merge_size)
     out["und"] = model.lm_head(model.model(emb, mx.array(pos)))[0]
     teacher = [mx.array(refs[f"gen.s{k}.bits"]) for k in range(len(schedule))]
-    res = generate_image(model, refs["gen.prompt_ids"], GenerationSettings(cfg=cfg, tau=tau, argmax=True),
-                         teacher_bits=teacher, schedule=schedule, trace=True)
-    out["bits"] = mx.concatenate([res.trace[f"gen.s{k}.bit_logits_cfg"].reshape(-1, res.trace[
-        f"gen.s{k}.bit_logits_cfg"].shape[-1]) for k in range(len(schedule))])
+    (res,) = draw_images(model, *prefill_prompt(model, refs["gen.prompt_ids"]),
+                         GenerationSettings(cfg=cfg, tau=tau, argmax=True), teacher_bits=teacher,
+                         schedule=schedule, trace=True)
+    out["bits"] = mx.concatenate([r.bit_logits_cfg.reshape(-1, r.bit_logits_cfg.shape[-1]) for r in res.trace.scales])
     return {k: np.array(v.astype(mx.float32)) for k, v in out.items()}
 
 

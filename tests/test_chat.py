@@ -9,6 +9,7 @@ check behaviour, never quality.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from pathlib import Path
 
@@ -344,13 +345,24 @@ def test_cli_draws_image(cli, model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ChatSession, "__init__", init)
     out = tmp_path / "imgs"
-    r = cli("--model", model_dir, "--out-dir", out, "--seed", 11, "--max-tokens", 3,
-            input="Draw a cat\nAnd now?\n")
+    r = cli("--model", model_dir, "--out-dir", out, "--seed", 11, "--max-tokens", 3, input="Draw a cat\n")
+    assert r.exit_code == 2 and "does not exist" in r.stderr  # --out-dir must exist (checked before loading)
+    out.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        r = cli("--model", model_dir, "--out-dir", out, "--seed", 11, "--max-tokens", 3,
+                input="Draw a cat\nAnd now?\n")
+    finally:
+        os.umask(old_umask)
     assert r.exit_code == 0, r.output
     (png,) = out.iterdir()
     assert png.name.endswith("-seed11.png")
+    assert png.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
     with Image.open(png) as im:
         assert im.size == (256, 256)
+        # the metadata generate writes: prompt, seed and settings
+        assert (im.text["prompt"], im.text["mode"], im.text["seed"]) == ("Draw a cat", "chat", "11")
+        assert {"cfg", "tau", "top_k", "top_p", "pn", "aspect", "model", "software"} <= set(im.text)
     lines = r.stdout.split("\n")
     assert lines[0] == f"[image 256x256 saved to {png}]"  # the first reply: just the image
     assert len(lines) == 3 and lines[1] and lines[2] == ""  # then the second reply

@@ -144,8 +144,9 @@ def test_batch_equals_single_draws_and_seeds_differ(pipe, monkeypatch):
     monkeypatch.setattr(pipe.model.vae_local, "decode", lambda z: mx.zeros((z.shape[0], 256, 256, 3)))
     ids = api.t2i_prompt_ids(pipe.tokenizer, "a blue bird")
     s = ig.GenerationSettings(seed=20)
-    singles = [ig.generate_image(pipe.model, ids, ig.GenerationSettings(seed=20 + i)) for i in range(3)]
-    grouped = ig.generate_images(pipe.model, ids, s, n=3, batch_size=2, decode=False)  # batches of 2 and 1
+    prefill = ig.prefill_prompt(pipe.model, ids)
+    singles = [ig.draw_images(pipe.model, *prefill, ig.GenerationSettings(seed=20 + i))[0] for i in range(3)]
+    grouped = ig.draw_images(pipe.model, *prefill, s, n=3, batch_size=2, decode=False)  # batches of 2 and 1
     for one, g in zip(singles, grouped):
         assert g.image is None
         for x, y in zip(one.bits, g.bits):
@@ -153,7 +154,7 @@ def test_batch_equals_single_draws_and_seeds_differ(pipe, monkeypatch):
         assert mx.array_equal(one.summed_codes, g.summed_codes)
     assert not mx.array_equal(singles[0].summed_codes, singles[1].summed_codes)
     # argmax draws do not depend on the seed
-    a0, a1 = ig.generate_images(pipe.model, ids, ig.GenerationSettings(seed=0, argmax=True), n=2, decode=False)
+    a0, a1 = ig.draw_images(pipe.model, *prefill, ig.GenerationSettings(seed=0, argmax=True), n=2, decode=False)
     assert mx.array_equal(a0.summed_codes, a1.summed_codes)
 
 
@@ -193,7 +194,7 @@ def test_repeat_cache_leaves_the_prefill_cache_alone(pipe):
     ids = api.t2i_prompt_ids(pipe.tokenizer, "a blue bird")
     cache, hidden = ig.prefill_prompt(pipe.model, ids)
     offset = cache[0].offset
-    ig.generate_images_from_prefill(pipe.model, cache, hidden, ig.GenerationSettings(seed=1), n=2, decode=False)
+    ig.draw_images(pipe.model, cache, hidden, ig.GenerationSettings(seed=1), n=2, decode=False)
     assert cache[0].offset == offset  # later draws can reuse the same prefill
     copies = ig.repeat_cache(cache, 3)
     assert copies[0].keys.shape[0] == 3 and copies[0].offset == offset

@@ -16,7 +16,7 @@ from tests.conftest import CKPT
 from vargpt_mlx import schedules
 from vargpt_mlx.config import VARGPTConfig
 from vargpt_mlx.models.vargpt import VARGPT, embed_multimodal
-from vargpt_mlx.pipelines.image_generation import GenerationSettings, generate_image
+from vargpt_mlx.pipelines.image_generation import GenerationSettings, draw_images, prefill_prompt
 from vargpt_mlx.training.losses import t2i_sft_loss
 
 
@@ -39,7 +39,7 @@ def model() -> VARGPT:
 def test_generation_at_025M(model):
     tok = model.config.tokens
     prompt = np.array([[tok.bos_token_id + 1, 101, 103, 250, 251, tok.eos_token_id, 103]])
-    res = generate_image(model, prompt, GenerationSettings(argmax=True))
+    (res,) = draw_images(model, *prefill_prompt(model, prompt), GenerationSettings(argmax=True))
     assert res.schedule == schedules.get_schedule("0.25M") and len(res.schedule) == 10
     assert res.image.shape == (512, 512, 3) and res.image.dtype == np.uint8
     assert [tuple(b.shape) for b in res.bits] == [(1, h, w, 32) for h, w in res.schedule]

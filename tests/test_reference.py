@@ -71,7 +71,7 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path):
         (["reference", "random", "--upstream", up, "--sizes", "tiny,llm_dim=63", "--out", str(tmp_path / "c")], "llm_heads"),
         (["reference", "random", "--upstream", up, "--sizes", "tiny", "--out", str(tmp_path / "c"), "--dtype", "f16"],
          "--dtype"),
-        (["reference", "record", "--upstream", up, "--model", str(CKPT)], "--out is required"),
+        (["reference", "record", "--upstream", up, "--model", str(CKPT)], "--output is required"),
         (["reference", "record", "--upstream", up, "--model", str(CKPT), "--out", str(tmp_path / "r"),
           "--device", "tpu"], "--device"),
         (["reference", "record", "--upstream", up, "--model", str(CKPT), "--out", str(tmp_path / "r"),

@@ -29,7 +29,7 @@ from vargpt_mlx import api, schedules
 from vargpt_mlx.loading import load_model
 from vargpt_mlx.models import bsq
 from vargpt_mlx.models import infinity as infinity_mod
-from vargpt_mlx.pipelines.image_generation import GenerationSettings, generate_image
+from vargpt_mlx.pipelines.image_generation import GenerationSettings, draw_images, prefill_prompt
 from vargpt_mlx.training import lora, run, trainer
 from vargpt_mlx.training.data import Batchable, GenTarget, TargetCache
 from vargpt_mlx.training.dpo import DPOTask
@@ -321,8 +321,8 @@ def test_sft_makes_generation_reproduce_the_trained_bits(model_dir, targets, tmp
     assert teacher_forced_rate() >= 0.99
     ids = item.sample.input_ids
     start = int(np.nonzero(ids == pipe.config.tokens.image_gen_start_token_id)[0][0])
-    g = generate_image(pipe.model, ids[:start], GenerationSettings(argmax=True, cfg=1.0),
-                       schedule=item.sample.schedule)
+    (g,) = draw_images(pipe.model, *prefill_prompt(pipe.model, ids[:start]),
+                       GenerationSettings(argmax=True, cfg=1.0), schedule=item.sample.schedule)
     got = mx.concatenate([b.reshape(1, -1, 32) for b in g.bits], axis=1)
     assert (got == item.target.gt_bits).mean().item() >= 0.99
 

@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,9 +54,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__, schedules
 from .config import VARGPTConfig
+from .errors import InputError
+from .files import check_new_file, file_mode
 from .hub import resolve_model_path
 from .image_processor import ImageError, ImageProcessor, load_image
 from .loading import load_model
+from .options import (ASPECT_RANGE, MAX_SEED, aspect_label, check_aspect, check_count, check_sampling,  # noqa: F401
+                      normalize_pn)
 from .models.vargpt import VARGPT
 from .pipelines import image_generation as ig
 from .tokenizer import check_token_ids, load_tokenizer
@@ -65,8 +68,6 @@ from .tokenizer import check_token_ids, load_tokenizer
 IMAGE_MARKER = "<image>"
 EDIT_ASSISTANT_PREFIX = "The output image is: "
 EDIT_MAX_PIXELS = 512 * 512  # LLaMA-Factory ``image_resolution`` default used by upstream edit inference
-ASPECT_RANGE = (0.3, 3.3)  # h/w accepted: the tabulated ratios run from 1:3 to 3:1
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -90,7 +91,7 @@ def apply_adapters(model: VARGPT, adapter_path: str | Path) -> None:
 
     path = Path(adapter_path)
     if not path.exists():
-        raise FileNotFoundError(f"adapter path {path} does not exist")
+        raise InputError(f"adapter path {path} does not exist")
     lora.load_adapters(model, path)
 
 
@@ -118,7 +119,7 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, tokenizer: str | P
     ``adapter_path``: LoRA adapters (``vargpt-mlx train``) applied to the model.
     """
     if adapter_path is not None and not Path(adapter_path).exists():
-        raise FileNotFoundError(f"adapter path {adapter_path} does not exist")
+        raise InputError(f"adapter path {adapter_path} does not exist")
     path = resolve_model_path(model)
     m = load_model(path, dtype=dtype)
     with _quiet_transformers():  # it warns that config.json's model type is not one it knows
@@ -132,76 +133,14 @@ def load(model: str | Path, *, dtype: mx.Dtype | None = None, tokenizer: str | P
 
 
 # ----------------------------------------------------------------------------------- settings
-def normalize_pn(pn: str | None) -> str | None:
-    """``"0.25m"``, ``"0.6M"``, ``"1"`` ... -> the schedule key (``"0.25M"``, ``"0.60M"``, ``"1M"``)."""
-    if pn is None:
-        return None
-    text = str(pn).strip().upper().removesuffix("M")
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    for key in schedules.PN_NUM_SCALES:
-        if math.isclose(value, float(key[:-1])):
-            return key
-    raise ValueError(f"unknown pn {pn!r}; expected one of {', '.join(schedules.PN_NUM_SCALES)}")
-
-
-def check_aspect(aspect: float | str) -> float:
-    """The tabulated aspect key (h/w) for ``aspect`` ("W:H" or h/w); outside 1:3 .. 3:1 is an error."""
-    text = str(aspect).strip()
-    if ":" in text:
-        w, _, h = text.partition(":")
-        try:
-            ratio = float(h) / float(w)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"aspect {aspect!r} is not 'W:H' with positive numbers (e.g. 16:9)") from None
-    else:
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise ValueError(f"aspect {aspect!r} is neither 'W:H' (e.g. 16:9) nor a number (h/w)") from None
-    if not (math.isfinite(ratio) and ratio > 0):
-        raise ValueError(f"aspect {aspect!r} must be a positive ratio (e.g. 16:9)")
-    if not ASPECT_RANGE[0] <= ratio <= ASPECT_RANGE[1]:
-        raise ValueError(f"aspect {aspect!r} is outside the supported range 3:1 .. 1:3")
-    return schedules.resolve_aspect(ratio)
-
-
-def aspect_label(key: float) -> str:
-    """``0.75`` -> ``"4:3"`` (W:H) for the tabulated keys; other values as h/w."""
-    names = {1.0: "1:1", 1.25: "4:5", 0.8: "5:4", 1.333: "3:4", 0.75: "4:3", 1.5: "2:3", 0.666: "3:2",
-             1.75: "4:7", 0.571: "7:4", 2.0: "1:2", 0.5: "2:1", 2.5: "2:5", 0.4: "5:2", 3.0: "1:3",
-             0.333: "3:1"}
-    return names.get(key, f"{key:g}")
-
-
 def make_settings(*, seed: int | None = None, cfg: float = 3.0, tau: float = 0.5, top_k: int = 900,
                   top_p: float = 0.97, pn: str | None = None, aspect: float | str = "1:1",
                   argmax: bool = False) -> ig.GenerationSettings:
     """Validated ``GenerationSettings``; ``seed=None`` draws a random seed (recorded in the result)."""
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not (math.isfinite(cfg) and cfg >= 0):
-        raise ValueError(f"cfg must be a finite number >= 0, got {cfg}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    seed = check_sampling(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p)
     key = check_aspect(aspect)
     return ig.GenerationSettings(cfg=float(cfg), tau=float(tau), top_k=int(top_k), top_p=float(top_p),
                                  argmax=argmax, seed=int(seed), pn=normalize_pn(pn), aspect=key)
-
-
-def _check_count(n: int, batch_size: int | None) -> None:
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 # ----------------------------------------------------------------------------------- prompts
@@ -223,7 +162,7 @@ def edit_prompt_ids(tokenizer, config: VARGPTConfig, prompt: str, n_image_tokens
     its ``<|image_pad|>`` expanded to ``n_image_tokens`` copies."""
     parts = prompt.split(IMAGE_MARKER)
     if len(parts) > 2:
-        raise ValueError(f"the prompt may mark the input image's place with {IMAGE_MARKER} at most once")
+        raise InputError(f"the prompt may mark the input image's place with {IMAGE_MARKER} at most once")
     before, after = parts if len(parts) == 2 else (parts[0], "")
     content = [{"type": "text", "text": before}, {"type": "image"}]
     if after:
@@ -231,7 +170,7 @@ def edit_prompt_ids(tokenizer, config: VARGPTConfig, prompt: str, n_image_tokens
     ids = _render(tokenizer, content, assistant_prefix)
     pad = config.tokens.image_token_id
     if ids.count(pad) != 1:
-        raise ValueError(f"the chat template gave {ids.count(pad)} image slots, expected 1")
+        raise InputError(f"the chat template gave {ids.count(pad)} image slots, expected 1")
     i = ids.index(pad)
     return np.asarray(ids[:i] + [pad] * n_image_tokens + ids[i + 1:], dtype=np.int64)
 
@@ -254,7 +193,7 @@ def prepare_edit_image(image: str | Path | Image.Image | np.ndarray, max_pixels:
 def _as_pipeline(pipeline_or_path, tokenizer, adapter_path) -> Pipeline:
     if isinstance(pipeline_or_path, Pipeline):
         if adapter_path is not None:
-            raise ValueError("adapter_path applies when loading: pass it to load() or give a path")
+            raise InputError("adapter_path applies when loading: pass it to load() or give a path")
         return pipeline_or_path
     return load(pipeline_or_path, tokenizer=tokenizer, adapter_path=adapter_path)
 
@@ -291,6 +230,15 @@ def _metadata(pipe: Pipeline, mode: str, prompt: str, s: ig.GenerationSettings, 
     return out
 
 
+def image_metadata(pipe: Pipeline, mode: str, prompt: str, settings: ig.GenerationSettings, seed: int,
+                   assistant_prefix: str = "") -> dict[str, str]:
+    """The PNG text chunks ``generate_image`` writes, for one image drawn with ``settings`` and
+    ``seed`` (used for the images drawn in a chat)."""
+    pn = settings.pn or pipe.config.pn
+    schedule = schedules.get_schedule(pn, settings.aspect)
+    return _metadata(pipe, mode, prompt, settings, seed, 0, 1, schedule, assistant_prefix)
+
+
 def _to_pil(results: list[ig.GenerationResult], metas: list[dict[str, str]]) -> list[Image.Image]:
     images = []
     for r, meta in zip(results, metas):
@@ -304,10 +252,10 @@ def _run(pipe: Pipeline, ids: np.ndarray, s: ig.GenerationSettings, n: int, batc
          on_scale, pixel_values=None, grid=None) -> list[ig.GenerationResult]:
     limit = pipe.config.infinity.text_maxlen
     if len(ids) > limit:
-        raise ValueError(f"the prompt is {len(ids)} tokens; image generation supports at most {limit} "
+        raise InputError(f"the prompt is {len(ids)} tokens; image generation supports at most {limit} "
                          "(upstream limit of the unconditional memory): use a shorter prompt")
-    return ig.generate_images(pipe.model, ids, s, n=n, batch_size=batch_size, pixel_values=pixel_values,
-                              image_grid_thw=grid, on_scale=on_scale)
+    cache, hidden = ig.prefill_prompt(pipe.model, ids, pixel_values, grid)
+    return ig.draw_images(pipe.model, cache, hidden, s, n=n, batch_size=batch_size, on_scale=on_scale)
 
 
 def generate_image(pipeline_or_path: Pipeline | str | Path, prompt: str, *, n: int = 1, seed: int | None = None,
@@ -329,8 +277,8 @@ def generate_image(pipeline_or_path: Pipeline | str | Path, prompt: str, *, n: i
     ``argmax``: pick each bit by argmax instead of sampling (deterministic, no seed dependence).
     """
     if not prompt or not prompt.strip():
-        raise ValueError("empty prompt")
-    _check_count(n, batch_size)
+        raise InputError("empty prompt")
+    check_count(n, batch_size)
     s = make_settings(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, pn=pn, aspect=aspect, argmax=argmax)
     pipe = _as_pipeline(pipeline_or_path, tokenizer, adapter_path)
     ids = t2i_prompt_ids(pipe.tokenizer, prompt, assistant_prefix)
@@ -355,8 +303,8 @@ def edit_image(pipeline_or_path: Pipeline | str | Path, image: str | Path | Imag
     metadata in ``.info`` (``input_image``, ``input_size`` added).
     """
     if not prompt or not prompt.replace(IMAGE_MARKER, "").strip():
-        raise ValueError("empty prompt")
-    _check_count(n, batch_size)
+        raise InputError("empty prompt")
+    check_count(n, batch_size)
     s = make_settings(seed=seed, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, pn=pn, aspect=aspect, argmax=argmax)
     src = prepare_edit_image(image, max_input_pixels)
     pipe = _as_pipeline(pipeline_or_path, tokenizer, adapter_path)
@@ -390,22 +338,8 @@ def check_output_paths(paths: Sequence[Path]) -> None:
     """
     for p in paths:
         if p.suffix.lower() != ".png":
-            raise ValueError(f"output {p} must be a .png file (settings are stored in PNG text chunks)")
-        if p.is_dir():
-            raise ValueError(f"output {p} is a directory")
-        parent = p.parent if str(p.parent) else Path(".")
-        if not parent.exists():
-            raise ValueError(f"output directory {parent} does not exist")
-        if not parent.is_dir():
-            raise ValueError(f"output directory {parent} is not a directory")
-        try:  # a real write test (permissions, read-only file systems, ACLs)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as e:
-            raise ValueError(f"cannot write to output directory {parent}: {e.strerror or e}") from None
-        if p.exists() and not os.access(p, os.W_OK):
-            raise ValueError(f"output file {p} exists and is not writable")
+            raise InputError(f"output {p} must be a .png file (settings are stored in PNG text chunks)")
+        check_new_file(p, "output")
 
 
 def png_info(image: Image.Image) -> PngInfo:
@@ -431,18 +365,24 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     same directory, then rename): a failed write never leaves a partial file at ``path``."""
     path = Path(path)
     info = png_info(image)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        os.fchmod(fd, file_mode())  # mkstemp creates 0600: give the file the mode open() would (umask)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
+    except OSError as e:  # name the user's path, not the temporary file
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
 
 
 __all__ = ["EDIT_ASSISTANT_PREFIX", "ImageError", "Pipeline", "apply_adapters", "check_output_paths",
-           "edit_image", "edit_prompt_ids", "generate_image", "load", "make_settings", "output_paths",
+           "edit_image", "edit_prompt_ids", "generate_image", "image_metadata", "load", "make_settings", "output_paths",
            "png_bytes", "prepare_edit_image", "save_image", "t2i_prompt_ids"]

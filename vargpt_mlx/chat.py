@@ -40,11 +40,11 @@ How a turn is processed
   token is fed, then ``<|im_end|>\\n``). So the cache always holds the conversation exactly as the
   template renders it, the assistant text being the generated tokens.
 
-Image generation inside a chat (upstream ``vargpt_sample._sample``, FACTS §5.1)
---------------------------------------------------------------------------------
+Image generation inside a chat (upstream ``patching_utils/vargpt_sample.py``, ``_sample``)
+-----------------------------------------------------------------------------------------
 When the model chooses ``<|image_gen_start|>`` the start token is fed with the cache, the token
 after it (t2) is chosen as upstream does and discarded (upstream never embeds it), and
-``generate_from_prefill`` draws the image from that state: its cross-attention memory is the
+``draw_images`` draws the image from that state: its cross-attention memory is the
 final-norm hidden states of *every* token of the conversation so far (the session keeps them for
 prefill and decode steps alike), the start token's row last. The reply ends after the image, as
 upstream's loop does. The PNG is written atomically to ``out_dir``
@@ -52,9 +52,9 @@ upstream's loop does. The PNG is written atomically to ``out_dir``
 the session`` when ``seed`` is given, else wall-clock milliseconds (upstream's choice).
 
 Upstream has no next turn after an image (its loop returns ``prompt + <|image_gen_start|> + t2``
-and the README drops t2). The session therefore **trims the image's scale tokens from the KV
-cache** (they are generation scaffolding: cond-branch tokens at plain positions) so the cache
-holds the context plus ``<|image_gen_start|>``; the next turn feeds ``<|image_gen_end|>`` first,
+and the README drops t2). The image's scale tokens therefore go to a copy of the KV cache (they
+are generation scaffolding: cond-branch tokens at plain positions), and the session's cache holds
+the context plus ``<|image_gen_start|>``; the next turn feeds ``<|image_gen_end|>`` first,
 then the template's continuation. The history is thus
 ``...<|im_start|>assistant\\n{text}<|image_gen_start|><|image_gen_end|><|im_end|>\\n...``: the image
 is marked in the history but its content is not (the training layout puts
@@ -82,7 +82,7 @@ from .api import Pipeline, apply_adapters, load
 from .image_processor import ImageError, ImageInput
 from .models.rope_index import get_rope_index
 from .models.vargpt import embed_multimodal
-from .pipelines.image_generation import GenerationSettings, generate_from_prefill
+from .pipelines.image_generation import GenerationSettings, draw_images
 from .text_generation import decode_position_ids, generate_step, make_sampler
 
 # Stands for the previous assistant reply when rendering the template, to find what follows it.
@@ -400,7 +400,7 @@ class ChatSession:
             stats.finish, stats.text = finish, detok.text
 
     def _draw_image(self, stats: TurnStats, steps: Iterator[tuple[int, mx.array]]) -> Iterator[ImageEvent]:
-        """Upstream's branch: feed the start token, choose (and drop) t2, draw, trim the cache."""
+        """Upstream's branch: feed the start token, choose (and drop) t2, draw."""
         tok = self.tokens
         t0 = time.perf_counter()
         next(steps)  # feeds the start token; t2 is chosen as upstream does, never embedded
@@ -413,13 +413,7 @@ class ChatSession:
             return
         seed = (self.seed + self.images_drawn) if self.seed is not None else int(time.time() * 1000) % 2**63
         settings = replace(self.image_settings, seed=seed)
-        offset = self.cache[0].offset
-        try:
-            result = generate_from_prefill(self.model, self.cache, self.hidden, settings,
-                                           on_scale=self.on_image_scale)
-        finally:
-            for c in self.cache:  # drop the scale tokens: the cache ends with <|image_gen_start|>
-                c.trim(c.offset - offset)
+        (result,) = draw_images(self.model, self.cache, self.hidden, settings, on_scale=self.on_image_scale)
         self.images_drawn += 1
         path = save_png(result.image, self.out_dir, seed)
         stats.image_s = time.perf_counter() - t0

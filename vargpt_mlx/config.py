@@ -19,9 +19,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from .errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A checkpoint directory whose configuration is missing or malformed."""
 
 

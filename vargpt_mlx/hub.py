@@ -33,7 +33,8 @@ def resolve_model_path(source: str | Path) -> Path:
                                   "'vargpt-mlx train nano --out DIR --ship')")
         return NANO_DIR
     s = str(source)
-    if not _REPO_ID.match(s) or s.startswith((".", "/", "~")):
+    if not _REPO_ID.match(s) or s.startswith((".", "/", "~")) or Path(s.split("/")[0]).expanduser().exists():
+        # not a repo id, or a path whose first directory exists here (a mistyped local path)
         raise CheckpointError(f"model path {s} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -42,10 +43,11 @@ def resolve_model_path(source: str | Path) -> Path:
         return Path(snapshot_download(s, allow_patterns=ALLOW_PATTERNS))
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{s} is not in the Hugging Face cache and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download it first or pass a local directory"
+            f"model path {s} does not exist, and {s} is not in the Hugging Face cache and the hub cannot be "
+            "reached (offline or HF_HUB_OFFLINE=1); download it first or pass a local directory"
         ) from None
     except RepositoryNotFoundError:
-        raise CheckpointError(f"Hugging Face repo {s} does not exist (or needs a token)") from None
+        raise CheckpointError(f"model path {s} does not exist (nor does a Hugging Face repo of that name, "
+                              "or it needs a token)") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"cannot fetch {s} from the Hugging Face hub: {str(e).splitlines()[0]}") from None

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
+from .errors import InputError, first_line
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,7 +35,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An input image that cannot be used (missing, unreadable, truncated or of a bad size)."""
 
 
@@ -92,12 +95,23 @@ def _open(path: Union[str, Path]) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
+    size = None
     try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            # PIL warns (and above twice the limit refuses) on huge images: one clear error instead
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        limit = Image.MAX_IMAGE_PIXELS or 0
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        what = (f"{size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.1f} M pixels" if size else
+                f"{int(found.group(1)) / 1e6:.1f} M pixels" if found else "decompression bomb guard")
+        raise ImageError(f"image {path} is too large ({what}; at most {limit / 1e6:.1f} M pixels are read)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot read image {path}: {first_line(e)}") from None
 
 
 def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:

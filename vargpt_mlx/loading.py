@@ -18,11 +18,12 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, VARGPTConfig
 from .models.vargpt import VARGPT, sanitize
+from .errors import InputError
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be loaded (missing files, keys or shapes)."""
 
 

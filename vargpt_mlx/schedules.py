@@ -18,6 +18,8 @@ command-line string form ``"W:H"`` follows the photographic convention (width fi
 
 from __future__ import annotations
 
+from .errors import InputError
+
 VAE_STRIDE = 16
 
 # 13-step (h, w) lists for h/w >= 1 (upstream ``ratio2hws``).
@@ -75,26 +77,26 @@ def resolve_aspect(aspect: float | str = 1.0) -> float:
             try:
                 w, h = float(w_str), float(h_str)
             except ValueError:
-                raise ValueError(f"aspect {aspect!r} is not 'W:H'") from None
+                raise InputError(f"aspect {aspect!r} is not 'W:H'") from None
             if w <= 0 or h <= 0:
-                raise ValueError(f"aspect {aspect!r} must have positive sides")
+                raise InputError(f"aspect {aspect!r} must have positive sides")
             h_div_w = h / w
         else:
             try:
                 h_div_w = float(text)
             except ValueError:
-                raise ValueError(f"aspect {aspect!r} is neither a number nor 'W:H'") from None
+                raise InputError(f"aspect {aspect!r} is neither a number nor 'W:H'") from None
     else:
         h_div_w = float(aspect)
     if not h_div_w > 0:
-        raise ValueError(f"aspect ratio must be positive, got {aspect!r}")
+        raise InputError(f"aspect ratio must be positive, got {aspect!r}")
     return min(ASPECT_RATIOS, key=lambda r: abs(h_div_w - r))
 
 
 def get_schedule(pn: str, aspect: float | str = 1.0) -> list[tuple[int, int]]:
     """Upstream ``dynamic_resolution_h_w[aspect][pn]['scales']`` with t dropped (t = 1)."""
     if pn not in PN_NUM_SCALES:
-        raise ValueError(f"unknown pn {pn!r}; expected one of {sorted(PN_NUM_SCALES)}")
+        raise InputError(f"unknown pn {pn!r}; expected one of {sorted(PN_NUM_SCALES)}")
     return list(FULL_SCHEDULES[resolve_aspect(aspect)][: PN_NUM_SCALES[pn]])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from .errors import InputError
 
 # Qwen2-VL's special tokens in id order, then the three VARGPT adds (151643 ... 151659 full size)
 QWEN2_VL_SPECIAL = (
@@ -52,7 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     pass
 
 

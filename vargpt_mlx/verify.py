@@ -17,6 +17,7 @@ folder. Only reference tensors present in the given file are compared, each unde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +32,7 @@ from .loading import load_model
 from .models import bsq
 from .models.rope_index import get_rope_index, plain_position_ids
 from .models.vargpt import VARGPT, embed_multimodal
-from .pipelines.image_generation import GenerationSettings, generate_image, generate_images
+from .pipelines.image_generation import GenerationResult, GenerationSettings, draw_images, prefill_prompt
 from .text_generation import stream_generate
 from .tolerances import (FLIP_TENSORS, FLOOR_REL, MAX_TIE_FRAC, MAX_TIE_FRAC_BF16, TOLERANCES, Check,
                          bits_agree_where_confident, bits_check, compare, measured, measured_levels)
@@ -79,6 +80,20 @@ def _split_scales(flat: np.ndarray, schedule) -> list[np.ndarray]:
 
 def _cat_scales(per: list) -> np.ndarray:
     return np.concatenate([_np(v).reshape(1, -1, v.shape[-1]) for v in per], axis=1)
+
+
+def bundle_tensors(res: GenerationResult) -> dict[str, mx.array]:
+    """A traced draw's tensors under the reference bundle's names (``gen.*``, ``gen.s{k}.*``)."""
+    tr = res.trace
+    out = {"gen.ca_src_hidden": tr.ca_src_hidden, "gen.ca_kv_cond": tr.ca_kv_cond, "gen.cond_BD": tr.cond_BD,
+           "gen.next_logits": tr.next_logits, "gen.summed_codes": res.summed_codes, "gen.decoded": tr.decoded}
+    for k, rec in enumerate(tr.scales):
+        for f in dataclasses.fields(rec):
+            if f.name != "next_in_codes":
+                out[f"gen.s{k}.{f.name}"] = getattr(rec, f.name)
+            elif rec.next_in_codes is not None:
+                out[f"gen.s{k + 1}.next_in_codes"] = rec.next_in_codes
+    return out
 
 
 class Verifier:
@@ -265,9 +280,9 @@ class Verifier:
         n = len(schedule) if schedule else sum(1 for k in self.b.outputs if k.endswith(".bits"))
         teacher = [mx.array(self.b[f"gen.s{k}.bits"]) for k in range(n)]
         settings = GenerationSettings(cfg=float(gi.get("cfg", 3.0)), tau=float(gi.get("tau", 0.5)), argmax=True)
-        res = generate_image(self.model, self.b["gen.prompt_ids"], settings, teacher_bits=teacher,
-                             schedule=schedule, trace=True)
-        tr = res.trace
+        prefill = prefill_prompt(self.model, self.b["gen.prompt_ids"])
+        (res,) = draw_images(self.model, *prefill, settings, teacher_bits=teacher, schedule=schedule, trace=True)
+        tr = bundle_tensors(res)
         bit_names = []
         for name in sorted(self.b.outputs):
             if not name.startswith("gen.") or name in ("gen.sequences", "gen.prompt_ids", "gen.image_rgb_u8"):
@@ -303,7 +318,7 @@ class Verifier:
             # prompt + <|image_gen_start|> + t2, the token upstream picks after the start token
             # (kept in its output, never embedded); t2 may differ at a near-tie of its logits
             seq = [*self.b["gen.prompt_ids"][0].tolist(), self.tok.image_gen_start_token_id,
-                   int(tr["gen.next_token"].item())]
+                   int(mx.argmax(tr["gen.next_logits"]).item())]
             ref_seq = self.b["gen.sequences"]
             if self.b.has("gen.next_token_logits") and seq[-1] != int(ref_seq[0, -1]):
                 ids = ref_seq[0, :-1].tolist()
@@ -315,7 +330,7 @@ class Verifier:
             if self.b.has("gen.next_token_logits"):
                 yield self.cmp("gen.next_token_logits", _np(tr["gen.next_logits"]).reshape(self.b["gen.next_token_logits"].shape))
         if schedule is not None and len(bit_names) == n:
-            yield self.free_running(settings, schedule, n, tr)
+            yield self.free_running(prefill, settings, schedule, n, tr)
 
     def image_check(self, image: np.ndarray, decoded: np.ndarray) -> Check:
         """uint8 image = trunc(127.5 (x + 1)) of the decoded floats x: with x within b of the reference,
@@ -336,13 +351,12 @@ class Verifier:
             return measured(name, image, ref, self.stats[name], floor=1.0)
         return compare(name, image, ref, "image_u8" if self.tol == "fp32" else "bf16_image_u8")
 
-    def free_running(self, settings: GenerationSettings, schedule, n: int, trace: dict) -> Check:
+    def free_running(self, prefill, settings: GenerationSettings, schedule, n: int, trace: dict) -> Check:
         """Generation without teacher: identical bits until the first scale where a bit differs,
         and there only at reference near-ties (after it, the two runs legitimately diverge). Up to
         that scale the free run saw the teacher's inputs, so its logits are the teacher-forced
         ones and their actual error explains a flip."""
-        free = generate_images(self.model, self.b["gen.prompt_ids"], settings, n=1, schedule=schedule,
-                               decode=False)[0]
+        (free,) = draw_images(self.model, *prefill, settings, schedule=schedule, decode=False)
         for k in range(n):
             got = _np(free.bits[k]).astype(np.uint8)
             ref = self.b[f"gen.s{k}.bits"]

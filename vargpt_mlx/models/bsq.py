@@ -146,16 +146,20 @@ def encode_multiscale(features: mx.array, schedule: Schedule,
     return all_bits, x_blc, cum
 
 
+def add_scale_codes(summed: mx.array | None, bits: mx.array, k: int, schedule: Schedule) -> mx.array:
+    """``summed`` plus the codes of scale k's bits, trilinear to the full grid but at the last
+    scale (upstream ``get_next_autoregressive_input``'s ``f_hat``); ``None`` starts a sum."""
+    codes = bits_to_codes(bits)
+    if k != len(schedule) - 1:
+        codes = upsample_trilinear(codes, tuple(schedule[-1]))
+    return codes if summed is None else summed + codes
+
+
 def codes_from_bits(bits_per_scale: list[mx.array], schedule: Schedule) -> mx.array:
-    """Summed codes of the inference loop (``autoregressive_infer_cfg``): for every scale but the
-    last ``summed += trilinear(codes -> full)``, at the last ``summed += codes``. Returns (B, H, W, d)."""
-    full = tuple(schedule[-1])
+    """Summed codes of the inference loop (``autoregressive_infer_cfg``) -> (B, H, W, d)."""
     summed = None
-    for si, bits in enumerate(bits_per_scale):
-        codes = bits_to_codes(bits)
-        if si != len(schedule) - 1:
-            codes = upsample_trilinear(codes, full)
-        summed = codes if summed is None else summed + codes
+    for k, bits in enumerate(bits_per_scale):
+        summed = add_scale_codes(summed, bits, k, schedule)
     return summed
 
 

@@ -1,30 +1,16 @@
-"""Next-scale image generation, exactly as upstream ``autoregressive_infer_cfg`` runs it.
+"""Next-scale image generation: upstream's ``autoregressive_infer_cfg``
+(``vargpt_qwen_v1_1/modeling_vargpt_qwen2_vl.py``) with CFG on logits, batched over images.
 
-Per scale k (FACTS §5.3):
-
-1. cond LLM pass on the generation KV cache (prompt + ``<|image_gen_start|>`` + earlier scales),
-   positions = plain cache positions (upstream ignores ``rope_deltas`` here);
-2. uncond LLM pass with *no* prompt and *no* cache, positions 0..hw-1 (upstream quirk);
-3. ``image_gen_projector_out`` -> Infinity blocks (KV cache across scales) -> bit logits;
-4. CFG on logits after ``1/tau``; bit choice (argmax, or seeded top-k/top-p sampling);
-5. codes accumulate into the full-resolution sum; the next scale's input is the sum resized
-   to the next grid, embedded by ``word_embed`` and ``image_gen_projector``.
-
-Finally the BSQ VAE decodes the summed codes into pixels.
-
-Several images for one prompt (``generate_images`` / ``generate_images_from_prefill``): the
-prompt is prefilled once; a batch of B images continues B copies of that KV cache (keys/values
-repeated along the batch axis) and every per-scale step runs batched, Infinity rows ordered
-``[cond_0..cond_{B-1}, uncond_0..uncond_{B-1}]``. Image i samples with its own key,
-``mx.random.key(seed + i)``, split once per scale exactly as a single draw does, so image i of a
-batch equals the one-image draw with seed ``seed + i`` (checked bit for bit on the fixture).
+A batch of B images continues B copies of the prompt's KV cache; Infinity rows are
+``[cond_0..cond_{B-1}, uncond_0..uncond_{B-1}]``. Image i samples with ``mx.random.key(seed + i)``,
+split once per scale as a single draw does, so it equals the one-image draw with that seed.
 ``mx.compile`` is not used: on the CPU backend it did not speed up the per-scale step or the VAE
-decode (see ``benchmarks/README.md``), and the per-scale shapes change every scale.
+decode (``benchmarks/README.md``), and the per-scale shapes change every scale.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import mlx.core as mx
@@ -54,12 +40,51 @@ class GenerationSettings:
 
 
 @dataclass
+class ScaleRecord:
+    """Scale k's tensors in a traced draw (upstream's reference run records them as ``gen.s{k}.*``)."""
+
+    llm_pos_cond: mx.array
+    llm_pos_uncond: mx.array
+    llm_in_cond: mx.array
+    llm_in_uncond: mx.array
+    llm_out_cond: mx.array
+    llm_out_uncond: mx.array
+    inf_in: mx.array
+    bit_logits_raw: mx.array
+    bit_logits_cfg: mx.array | None = None
+    bits: mx.array | None = None
+    next_in_codes: mx.array | None = None  # scale k+1's input codes (None at the last scale)
+
+
+@dataclass
+class GenerationTrace:
+    """What a traced draw (``trace=True``) records besides its result."""
+
+    ca_src_hidden: mx.array  # the context rows the cross-attention memory is made of
+    ca_kv_cond: mx.array
+    cond_BD: mx.array
+    next_logits: mx.array  # the logits after <|image_gen_start|> (upstream's token t2)
+    scales: list[ScaleRecord] = field(default_factory=list)
+    decoded: mx.array | None = None
+
+
+@dataclass
 class GenerationResult:
     image: np.ndarray | None  # (H, W, 3) uint8 RGB (None when drawn with ``decode=False``)
     bits: list[mx.array]  # per scale (1, h, w, 32) uint8
     summed_codes: mx.array  # (1, Hf, Wf, 32)
     schedule: list[tuple[int, int]]
-    trace: dict[str, mx.array] = field(default_factory=dict)
+    trace: GenerationTrace | None = None
+
+
+@dataclass
+class _Condition:
+    """What every scale of one batch attends to."""
+
+    memory: CrossMemory  # cross-attention memory, [cond] * B + [uncond] * B
+    cond_BD: mx.array  # (2B, C)
+    sos: mx.array  # (2B, 1, H): the scale-0 LLM input (cond and uncond rows differ)
+    kv_cond: mx.array  # the cond memory rows before broadcasting
 
 
 def _position_ids(offset: int, length: int) -> mx.array:
@@ -86,57 +111,8 @@ def prefill_prompt(model: VARGPT, input_ids: np.ndarray, pixel_values=None, imag
     return cache, hidden[0]
 
 
-def generate_image(
-    model: VARGPT,
-    input_ids: np.ndarray,
-    settings: GenerationSettings | None = None,
-    *,
-    pixel_values=None,
-    image_grid_thw=None,
-    **kwargs,
-) -> GenerationResult:
-    """Generate one image for a prompt (token ids ending with ``<|im_start|>assistant\\n``).
-
-    Prefills the prompt plus ``<|image_gen_start|>`` and runs ``generate_from_prefill``
-    (see there for the keyword arguments).
-    """
-    cache, hidden = prefill_prompt(model, input_ids, pixel_values, image_grid_thw)
-    return generate_from_prefill(model, cache, hidden, settings, **kwargs)
-
-
-def generate_from_prefill(
-    model: VARGPT,
-    cache: list,
-    hidden: mx.array,
-    settings: GenerationSettings | None = None,
-    *,
-    schedule: list[tuple[int, int]] | None = None,
-    teacher_bits: list[mx.array] | None = None,
-    trace: bool = False,
-    on_scale: Callable[[int, int], None] | None = None,
-) -> GenerationResult:
-    """Draw an image from an LLM state that has just consumed ``<|image_gen_start|>``.
-
-    ``cache``: the LLM KV cache holding the whole context up to and including the start token
-    (it grows by every scale's tokens, as upstream's cache does). ``hidden`` (n + 1, H):
-    final-norm hidden states of every context token, the start token last (a chat session keeps
-    these as it goes).
-    ``schedule``: explicit list of (h, w) scales (default: from ``settings.pn`` / ``aspect``).
-    ``teacher_bits``: force these bits per scale (teacher forcing, used for parity checks).
-    ``trace``: keep every per-scale tensor upstream's reference run records.
-    ``on_scale(k, n_scales)``: progress callback after each scale.
-    """
-    s = settings or GenerationSettings()
-    return _generate(model, cache, hidden, s, seeds=[s.seed], schedule=schedule,
-                     teacher_bits=teacher_bits, trace=trace, on_scale=on_scale)[0]
-
-
 def image_seeds(seed: int, n: int) -> list[int]:
-    """Seeds of ``n`` images drawn with ``seed``: ``seed, seed + 1, ..., seed + n - 1``.
-
-    Image ``i`` of a batch is the image a single draw with seed ``seed + i`` gives (the batch only
-    shares the prompt prefill and runs the per-scale passes of all images together).
-    """
+    """Seeds of ``n`` images drawn with ``seed``: ``seed, seed + 1, ..., seed + n - 1``."""
     return [seed + i for i in range(n)]
 
 
@@ -154,7 +130,7 @@ def repeat_cache(cache: list, n: int) -> list[KVCache]:
     return out
 
 
-def generate_images_from_prefill(
+def draw_images(
     model: VARGPT,
     cache: list,
     hidden: mx.array,
@@ -162,165 +138,149 @@ def generate_images_from_prefill(
     *,
     n: int = 1,
     batch_size: int | None = None,
-    schedule: list[tuple[int, int]] | None = None,
-    on_scale: Callable[[int, int], None] | None = None,
-    decode: bool = True,
-) -> list[GenerationResult]:
-    """``n`` images from one prefilled context (``cache`` / ``hidden`` as in ``generate_from_prefill``).
-
-    The prompt is prefilled once; each group of at most ``batch_size`` images (default: all ``n``
-    at once) continues its own copy of ``cache`` (keys/values repeated along the batch axis), and
-    the per-scale LLM, Infinity and sampling steps of the group run batched. Image ``i`` uses
-    seed ``settings.seed + i`` (:func:`image_seeds`) and equals a single draw with that seed.
-    ``cache`` itself is not modified. ``on_scale(k, n_scales)`` is called after each scale of
-    each group. ``decode=False`` skips the VAE (``image`` is ``None``; bits and codes are kept).
-    """
-    s = settings or GenerationSettings()
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    bs = n if batch_size is None else batch_size
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seeds = image_seeds(s.seed, n)
-    results: list[GenerationResult] = []
-    for start in range(0, n, bs):
-        group = seeds[start:start + bs]
-        results += _generate(model, repeat_cache(cache, len(group)), hidden, s, seeds=group,
-                             schedule=schedule, on_scale=on_scale, decode=decode)
-    return results
-
-
-def generate_images(
-    model: VARGPT,
-    input_ids: np.ndarray,
-    settings: GenerationSettings | None = None,
-    *,
-    n: int = 1,
-    batch_size: int | None = None,
-    pixel_values=None,
-    image_grid_thw=None,
-    schedule: list[tuple[int, int]] | None = None,
-    on_scale: Callable[[int, int], None] | None = None,
-    decode: bool = True,
-) -> list[GenerationResult]:
-    """``n`` images for one prompt: a single prefill, then ``generate_images_from_prefill``."""
-    cache, hidden = prefill_prompt(model, input_ids, pixel_values, image_grid_thw)
-    return generate_images_from_prefill(model, cache, hidden, settings, n=n, batch_size=batch_size,
-                                        schedule=schedule, on_scale=on_scale, decode=decode)
-
-
-def _generate(
-    model: VARGPT,
-    cache: list,
-    hidden: mx.array,
-    s: GenerationSettings,
-    *,
-    seeds: list[int],
     schedule: list[tuple[int, int]] | None = None,
     teacher_bits: list[mx.array] | None = None,
     trace: bool = False,
     on_scale: Callable[[int, int], None] | None = None,
     decode: bool = True,
 ) -> list[GenerationResult]:
-    """The generation loop for ``B = len(seeds)`` images sharing one context.
+    """``n`` images from an LLM state that has just consumed ``<|image_gen_start|>``.
 
-    ``cache`` must hold ``B`` rows (``repeat_cache``); it is extended in place. Rows of the
-    Infinity batch are ``[cond_0 .. cond_{B-1}, uncond_0 .. uncond_{B-1}]``.
+    ``cache`` / ``hidden``: ``prefill_prompt``'s result, or a chat's: the KV cache of the whole
+    context and the final-norm hidden states of every context token, the start token last. The
+    cache is not modified: each group of at most ``batch_size`` images (default: all) continues
+    its own copy. Image ``i`` uses seed ``settings.seed + i``.
+    ``schedule``: explicit (h, w) scales (default: from ``settings.pn`` / ``aspect``).
+    ``teacher_bits``: force these bits per scale (parity checks); ``trace``: record every
+    per-scale tensor in ``result.trace``; both need ``n == 1``.
+    ``on_scale(k, n_scales)``: progress, after each scale of each group.
+    ``decode=False`` skips the VAE (``image`` is ``None``).
     """
-    B = len(seeds)
-    if B < 1:
-        raise ValueError("at least one image is needed")
-    if (trace or teacher_bits is not None) and B != 1:
+    s = settings or GenerationSettings()
+    bs = n if batch_size is None else batch_size
+    if n < 1 or bs < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    if (trace or teacher_bits is not None) and n != 1:
         raise ValueError("trace / teacher_bits need a single image")
-    cfg = model.config
-    schedule = schedule or schedules.get_schedule(s.pn or cfg.pn, s.aspect)
-    rope_grid = schedules.rope_grid(schedule[-1][0] / schedule[-1][1])
-    inf = model.vargpt_gen
-    proj_in, proj_out = model.image_gen_projector, model.image_gen_projector_out
-    keys = [mx.random.key(seed) for seed in seeds]
-    rec: dict[str, mx.array] = {}
+    schedule = schedule or schedules.get_schedule(s.pn or model.config.pn, s.aspect)
+    seeds = image_seeds(s.seed, n)
+    results: list[GenerationResult] = []
+    for start in range(0, n, bs):
+        group = seeds[start:start + bs]
+        results += autoregressive_infer_cfg(model, repeat_cache(cache, len(group)), hidden, s, group, schedule,
+                                            teacher_bits=teacher_bits, trace=trace, on_scale=on_scale,
+                                            decode=decode)
+    return results
 
+
+def autoregressive_infer_cfg(model: VARGPT, cache: list, hidden: mx.array, s: GenerationSettings,
+                             seeds: list[int], schedule: list[tuple[int, int]], *,
+                             teacher_bits: list[mx.array] | None = None, trace: bool = False,
+                             on_scale: Callable[[int, int], None] | None = None,
+                             decode: bool = True) -> list[GenerationResult]:
+    """Upstream's loop for ``B = len(seeds)`` images; ``cache`` holds B rows, extended in place."""
+    B = len(seeds)
+    rope_grid = schedules.rope_grid(schedule[-1][0] / schedule[-1][1])
+    cond = _condition(model, hidden, B)
+    record = GenerationTrace(hidden[:-1], cond.kv_cond, cond.cond_BD, model.lm_head(hidden[-1])) if trace else None
+    keys = [mx.random.key(seed) for seed in seeds]
+    inf_cache = model.vargpt_gen.make_cache()
+    x, summed, bits_per_scale = cond.sos, None, []
+    for k, (h, w) in enumerate(schedule):
+        raw, rec = _scale_logits(model, x, cache, cond, inf_cache, k, schedule, rope_grid)
+        logits = sampling.cfg_logits(raw, s.cfg, s.tau)  # (B, hw, 2 * bits)
+        bits = teacher_bits[k] if teacher_bits is not None else _draw_bits(logits, keys, s)
+        bits = bits.reshape(B, h, w, -1).astype(mx.uint8)
+        summed, x, next_codes = get_next_autoregressive_input(model, summed, bits, k, schedule)
+        bits_per_scale.append(bits)
+        if record is not None:
+            record.scales.append(replace(rec, bit_logits_cfg=logits, bits=bits, next_in_codes=next_codes))
+        mx.eval(summed, *(a for a in (x, cache[0].keys) if a is not None))
+        if on_scale is not None:
+            on_scale(k, len(schedule))
+    # the KV caches are not needed for decoding: drop this frame's references so that their memory
+    # (1.3 GB per image at 512x512 in bf16 for the full-size Infinity cache) is free during the VAE
+    del inf_cache, cache, cond, x
+    return _results(model, summed, bits_per_scale, schedule, record, decode)
+
+
+def _condition(model: VARGPT, hidden: mx.array, B: int) -> _Condition:
+    inf = model.vargpt_gen
     prompt_hidden = hidden[:-1]  # cross-attention memory source: the start row is dropped
     n = prompt_hidden.shape[0]
-    if n > cfg.infinity.text_maxlen:
+    if n > model.config.infinity.text_maxlen:
         # the uncond memory is cfg_uncond[:n]; upstream crashes past its 512 rows
         raise ValueError(f"the context is {n} tokens; image generation supports at most "
-                         f"{cfg.infinity.text_maxlen} (upstream limit of the unconditional memory)")
-    kv_cond = proj_out(prompt_hidden)
+                         f"{model.config.infinity.text_maxlen} (upstream limit of the unconditional memory)")
+    kv_cond = model.image_gen_projector_out(prompt_hidden)
     kv_uncond = inf.cfg_uncond[:n]
     memory = CrossMemory(mx.concatenate([
         mx.broadcast_to(kv_cond[None], (B, *kv_cond.shape)),
         mx.broadcast_to(kv_uncond[None].astype(kv_cond.dtype), (B, *kv_uncond.shape)),
     ]))
     cond_BD = inf.condition(model.sos_rows())  # (2, C): cond and uncond rows
-    x = proj_in(inf.sos_tokens(cond_BD))  # (2, 1, H): cond and uncond differ at scale 0
+    sos = model.image_gen_projector(inf.sos_tokens(cond_BD))
     if B > 1:
-        cond_BD = mx.repeat(cond_BD, B, axis=0)  # (2B, C): [cond]*B + [uncond]*B
-        x = mx.repeat(x, B, axis=0)
-    if trace:
-        rec.update({"gen.ca_src_hidden": prompt_hidden, "gen.ca_kv_cond": kv_cond, "gen.cond_BD": cond_BD,
-                    "gen.next_logits": model.lm_head(hidden[-1]),
-                    "gen.next_token": mx.argmax(model.lm_head(hidden[-1]), axis=-1)})
+        cond_BD, sos = mx.repeat(cond_BD, B, axis=0), mx.repeat(sos, B, axis=0)  # [cond] * B + [uncond] * B
+    return _Condition(memory, cond_BD, sos, kv_cond)
 
-    inf_cache = inf.make_cache()
-    Hf, Wf = schedule[-1]
-    summed = mx.zeros((B, Hf, Wf, cfg.infinity.codebook_dim), dtype=mx.float32)
-    bits_out: list[mx.array] = []
-    for k, (h, w) in enumerate(schedule):
-        pos_c = _position_ids(cache[0].offset, h * w)  # cache positions; rope_deltas ignored (upstream)
-        pos_u = _position_ids(0, h * w)  # uncond: no prompt, no cache (upstream quirk)
-        out_c = model.model(x[:B], pos_c, cache=cache)
-        out_u = model.model(x[B:], pos_u, cache=None)
-        inf_in = proj_out(mx.concatenate([out_c, out_u], axis=0))
-        raw = inf.forward_scale(inf_in, cond_BD, memory, k, schedule, inf_cache, rope_grid=rope_grid)
-        logits = sampling.cfg_logits(raw, s.cfg, s.tau)  # (B, hw, 64)
-        subs = []
-        for i in range(B):
-            keys[i], sub = mx.random.split(keys[i])
-            subs.append(sub)
-        if teacher_bits is not None:
-            bits = teacher_bits[k].reshape(1, h * w, -1).astype(mx.uint8)
-        elif s.argmax or B == 1:
-            bits = sampling.choose_bits(logits, top_k=s.top_k, top_p=s.top_p, key=subs[0], argmax=s.argmax)
-        else:  # one key per image: image i does not depend on the others
-            bits = mx.concatenate([sampling.choose_bits(logits[i:i + 1], top_k=s.top_k, top_p=s.top_p,
-                                                        key=subs[i]) for i in range(B)])
-        bits = bits.reshape(B, h, w, -1)
-        bits_out.append(bits)
-        codes = bsq.bits_to_codes(bits)
-        last = k == len(schedule) - 1
-        summed = summed + (codes if last else bsq.upsample_trilinear(codes, (Hf, Wf)))
-        if trace:
-            p = f"gen.s{k}."
-            rec.update({p + "llm_pos_cond": pos_c, p + "llm_pos_uncond": pos_u, p + "llm_in_cond": x[:1],
-                        p + "llm_in_uncond": x[1:], p + "llm_out_cond": out_c, p + "llm_out_uncond": out_u,
-                        p + "inf_in": inf_in, p + "bit_logits_raw": raw, p + "bit_logits_cfg": logits,
-                        p + "bits": bits})
-        if not last:
-            nh, nw = schedule[k + 1]
-            nxt = bsq.next_scale_input(summed, (nh, nw))
-            x_h = proj_in(inf.word_embed(nxt))
-            x = mx.concatenate([x_h, x_h], axis=0)
-            if trace:
-                rec[f"gen.s{k + 1}.next_in_codes"] = nxt
-        mx.eval(summed, x, cache[0].keys if cache[0].keys is not None else summed)
-        if on_scale is not None:
-            on_scale(k, len(schedule))
 
-    # the KV caches are not needed for decoding: drop this frame's references so that their memory
-    # (1.3 GB per image at 512x512 in bf16 for the full-size Infinity cache) is free during the VAE
-    del inf_cache, cache, memory, x
+def _scale_logits(model: VARGPT, x: mx.array, cache: list, cond: _Condition, inf_cache: list, k: int,
+                  schedule, rope_grid) -> tuple[mx.array, ScaleRecord]:
+    """Both CFG branches of scale k through the LLM and Infinity -> raw bit logits (2B, hw, 2 * bits).
+
+    The cond branch continues the context's cache at plain cache positions (upstream ignores
+    ``rope_deltas`` here); the uncond branch runs with no prompt and no cache at positions
+    0..hw-1 (upstream's quirk)."""
+    B = x.shape[0] // 2
+    h, w = schedule[k]
+    pos_c, pos_u = _position_ids(cache[0].offset, h * w), _position_ids(0, h * w)
+    out_c = model.model(x[:B], pos_c, cache=cache)
+    out_u = model.model(x[B:], pos_u, cache=None)
+    inf_in = model.image_gen_projector_out(mx.concatenate([out_c, out_u], axis=0))
+    raw = model.vargpt_gen.forward_scale(inf_in, cond.cond_BD, cond.memory, k, schedule, inf_cache,
+                                         rope_grid=rope_grid)
+    return raw, ScaleRecord(pos_c, pos_u, x[:B], x[B:], out_c, out_u, inf_in, raw)
+
+
+def _draw_bits(logits: mx.array, keys: list[mx.array], s: GenerationSettings) -> mx.array:
+    """Every image's bits from its own key (split once per scale): image i does not depend on the others."""
+    subs = []
+    for i in range(len(keys)):
+        keys[i], sub = mx.random.split(keys[i])
+        subs.append(sub)
+    if s.argmax or len(keys) == 1:
+        return sampling.choose_bits(logits, top_k=s.top_k, top_p=s.top_p, key=subs[0], argmax=s.argmax)
+    return mx.concatenate([sampling.choose_bits(logits[i:i + 1], top_k=s.top_k, top_p=s.top_p, key=sub)
+                           for i, sub in enumerate(subs)])
+
+
+def get_next_autoregressive_input(model: VARGPT, summed: mx.array | None, bits: mx.array, k: int,
+                                  schedule) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    """Upstream's ``get_next_autoregressive_input`` and the LLM input it makes: scale k's codes
+    join the full-resolution sum; the next scale's input is the sum resized to its grid,
+    word-embedded and projected, the same for both CFG branches.
+
+    Returns ``(summed, next LLM input (2B, hw, H), its codes (B, hw, d))``, the last two ``None``
+    after the last scale."""
+    summed = bsq.add_scale_codes(summed, bits, k, schedule)
+    if k == len(schedule) - 1:
+        return summed, None, None
+    codes = bsq.next_scale_input(summed, schedule[k + 1])
+    x = model.image_gen_projector(model.vargpt_gen.word_embed(codes))
+    return summed, mx.concatenate([x, x], axis=0), codes
+
+
+def _results(model: VARGPT, summed: mx.array, bits_per_scale: list[mx.array], schedule,
+             record: GenerationTrace | None, decode: bool) -> list[GenerationResult]:
     results = []
-    for i in range(B):  # decode one image at a time: bounds the VAE's activation memory
-        if not decode:
-            results.append(GenerationResult(image=None, bits=[b[i:i + 1] for b in bits_out],
-                                            summed_codes=summed[i:i + 1], schedule=schedule))
-            continue
-        decoded = model.vae_local.decode(summed[i:i + 1])
-        image = to_uint8(decoded)[0]
-        if trace:
-            rec.update({"gen.summed_codes": summed, "gen.decoded": decoded})
-        results.append(GenerationResult(image=image, bits=[b[i:i + 1] for b in bits_out],
-                                        summed_codes=summed[i:i + 1], schedule=schedule,
-                                        trace=rec if trace else {}))
+    for i in range(summed.shape[0]):  # decode one image at a time: bounds the VAE's activation memory
+        image = None
+        if decode:
+            decoded = model.vae_local.decode(summed[i:i + 1])
+            image = to_uint8(decoded)[0]
+            if record is not None:
+                record.decoded = decoded
+        results.append(GenerationResult(image=image, bits=[b[i:i + 1] for b in bits_per_scale],
+                                        summed_codes=summed[i:i + 1], schedule=schedule, trace=record))
     return results

@@ -51,6 +51,7 @@ from PIL import Image
 from .. import schedules
 from ..image_processor import ImageError, ImageProcessor, load_image, smart_resize
 from .losses import IGNORE_INDEX
+from ..errors import InputError
 
 IMAGE = "<image>"
 IMAGE_GEN = "<image_gen>"
@@ -60,7 +61,7 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
 RESIZE_FACTOR = 1.125  # upstream: Resize(1.125 * size, LANCZOS) -> crop size
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A training data file or record that cannot be used (one line, names file and record)."""
 
 

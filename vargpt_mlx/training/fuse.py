@@ -19,6 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..errors import InputError
+from ..files import check_output_dir, dir_mode
 from ..loading import load_config, load_model, load_raw_weights
 from ..tokenizer import TOKENIZER_FILES
 from .lora import fuse_lora, load_adapters
@@ -42,9 +44,10 @@ def fuse_to_dir(model_path: str | Path, adapter_path: str | Path, out_dir: str |
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists (pass --force to replace it)")
+        raise InputError(f"{out_dir} already exists (pass --force to replace it)")
     if out_dir.resolve() in (model_path.resolve(), Path(adapter_path).resolve()):
-        raise ValueError("the output directory must differ from the model and adapter directories")
+        raise InputError("the output directory must differ from the model and adapter directories")
+    check_output_dir(out_dir)  # its parent must exist (never created) and be writable
     config = load_config(model_path)
     raw_cfg = json.loads((model_path / "config.json").read_text())
     model = load_model(model_path, dtype=dtype or _source_dtype(model_path))
@@ -65,9 +68,9 @@ def fuse_to_dir(model_path: str | Path, adapter_path: str | Path, out_dir: str |
         out_cfg["quantization"] = raw_cfg["quantization"]
     out_cfg["fused_adapters"] = str(adapter_path)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; the model directory gets mkdir's mode
         from mlx_lm.utils import save_model
 
         save_model(tmp, model)
@@ -85,6 +88,11 @@ def fuse_to_dir(model_path: str | Path, adapter_path: str | Path, out_dir: str |
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename and str(e.filename).startswith(str(tmp)):  # name the user's directory, not the temporary one
+            raise OSError(e.errno, e.strerror or str(e), str(out_dir)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
+from ..errors import InputError
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -47,7 +48,7 @@ VISION_MLP = ("mlp.fc1", "mlp.fc2")
 TARGETS = ("llm", "infinity", "vision")
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """Adapters that cannot be applied (missing files, incompatible shapes or config)."""
 
 

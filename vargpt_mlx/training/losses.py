@@ -14,7 +14,7 @@ not reproduced (the nano recipe trains the unconditional branch as inference run
 ``positions``: ``"plain"`` (0..T-1, what upstream's training feeds) or ``"inference"`` (what the
 inference code computes for the same tokens: M-RoPE ``get_rope_index`` over the prompt and, for a
 generation sample, over the prompt plus ``<|image_gen_start|>``, then plain cache positions for the
-image tokens, as ``prefill_prompt`` / ``generate_from_prefill`` do). They differ only for prompts
+image tokens, as ``prefill_prompt`` / ``draw_images`` do). They differ only for prompts
 holding images.
 """
 
