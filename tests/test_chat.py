@@ -171,13 +171,13 @@ def test_image_generation_in_chat(pipe, tmp_path, monkeypatch):
     tok = pipe.config.tokens
     steer = steer_for(pipe)
     seen = {}
-    real = chat_mod.generate_from_prefill
+    real = chat_mod.draw_images
 
     def spy(model, cache, hidden, settings, **kw):
         seen.update(offset=cache[0].offset, hidden=mx.array(hidden), seed=settings.seed)
         return real(model, cache, hidden, settings, **kw)
 
-    monkeypatch.setattr(chat_mod, "generate_from_prefill", spy)
+    monkeypatch.setattr(chat_mod, "draw_images", spy)
     scales = []
     s = ChatSession(pipe, max_tokens=8, seed=7, out_dir=tmp_path, logits_processors=[steer],
                     image_settings=GenerationSettings(argmax=True),
@@ -198,7 +198,7 @@ def test_image_generation_in_chat(pipe, tmp_path, monkeypatch):
     assert seen["offset"] == len(s.token_ids) == seen["hidden"].shape[0]
     check = compare("gen hidden", seen["hidden"], fresh_hidden(pipe, s.token_ids, []))
     assert check.ok, check
-    # the scale tokens were trimmed; the next turn first closes the image with <|image_gen_end|>
+    # the scale tokens went to a copy of the cache; the next turn first feeds <|image_gen_end|>
     assert s.cache[0].offset == len(s.token_ids) and s._pending == [tok.image_gen_end_token_id]
     assert s.messages[-1]["content"].endswith("<|image_gen_start|><|image_gen_end|>")
     steer.turn()
