@@ -253,7 +253,7 @@ def test_grad_checkpoint_gives_the_same_gradients(model_dir, targets):
         randomize_lora_b(pipe.model)
         if ckpt:
             assert trainer.enable_grad_checkpoint(pipe.model) == 6
-            assert type(pipe.model.model.layers[0].self_attn).__name__ == "ChunkedAttention"
+            assert pipe.model.model.layers[0].self_attn.sdpa is not type(pipe.model.model.layers[0].self_attn).sdpa
             assert type(pipe.model.vargpt_gen.blocks[0].ffn).__name__ == "ChunkedFFN"
         task = SFTTask(pipe.processor, items)
         loss_grad = nn.value_and_grad(pipe.model, task.batch_loss)
@@ -265,6 +265,36 @@ def test_grad_checkpoint_gives_the_same_gradients(model_dir, targets):
     for k, v in out[0][1].items():
         v, w = np.array(v), np.array(out[1][1][k])
         assert np.linalg.norm(w - v) <= 1e-3 * np.linalg.norm(v) + 1e-7, k
+
+
+def test_chunked_attention_wraps_the_models_sdpa(model_dir, monkeypatch):
+    """Training replaces only the attentions' ``sdpa`` step, so a change there reaches training:
+    short inputs call the model's own step, long ones the chunked one with the same result."""
+    from vargpt_mlx.models import qwen2
+
+    calls = []
+    real = qwen2.Attention.sdpa
+
+    def spy(q, k, v, **kw):
+        calls.append(q.shape[2])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(qwen2.Attention, "sdpa", staticmethod(spy))
+    pipe = fresh(model_dir)
+    trainer.enable_chunked_attention(pipe.model, chunk=8)
+    x = mx.random.normal((1, 20, pipe.config.llm.hidden_size), key=mx.random.key(0))
+    pos = mx.broadcast_to(mx.arange(20)[None, None], (3, 1, 20))
+    llm = pipe.model.model
+    short = llm(x[:, :8], pos[..., :8])
+    assert calls == [8] * len(llm.layers)
+    monkeypatch.setattr(qwen2.Attention, "sdpa", staticmethod(real))
+    for layer in llm.layers:
+        layer.self_attn.sdpa = real
+    full = llm(x, pos)
+    trainer.enable_chunked_attention(pipe.model, chunk=8)
+    chunked = llm(x, pos)
+    assert np.allclose(np.array(chunked), np.array(full), atol=1e-5)
+    assert np.array_equal(np.array(llm(x[:, :8], pos[..., :8])), np.array(short))
 
 
 # ------------------------------------------------------------------------------ learning

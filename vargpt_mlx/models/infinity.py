@@ -30,6 +30,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 from .. import schedules
@@ -167,6 +168,9 @@ def as_memory(ca_kv: CrossMemory | Sequence[mx.array]) -> CrossMemory:
 class SelfAttention(nn.Module):
     """Upstream ``basic.SelfAttention`` with ``cos_attn=True`` and per-layer 2-D RoPE."""
 
+    # the q, k, v -> out step: training swaps it per instance (``trainer.enable_chunked_attention``)
+    sdpa = staticmethod(scaled_dot_product_attention)
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -190,7 +194,7 @@ class SelfAttention(nn.Module):
         q, k = _apply_rope_interleaved(q, cos, sin), _apply_rope_interleaved(k, cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = self.sdpa(q, k, v, cache=cache, scale=1.0, mask=mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, C))
 
 

@@ -76,6 +76,9 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 class Attention(nn.Module):
     """``Qwen2VLSdpaAttention``: GQA self-attention with M-RoPE, scale 1/sqrt(head_dim)."""
 
+    # the q, k, v -> out step: training swaps it per instance (``trainer.enable_chunked_attention``)
+    sdpa = staticmethod(scaled_dot_product_attention)
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         dim, head_dim = cfg.hidden_size, cfg.head_dim
@@ -96,7 +99,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = self.sdpa(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

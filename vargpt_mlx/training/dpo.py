@@ -63,11 +63,14 @@ class DPOTask:
             raise ValueError("beta must be > 0")
         self.processor, self.pairs, self.val_pairs = processor, pairs, list(val_pairs or [])
         self.beta, self.loss_type, self.dtype = beta, loss_type, dtype
-        self.split_backward = split_backward  # the trainer then calls loss_and_grad
+        self.split_backward = split_backward  # loss_and_grad back-propagates one response at a time
         self.positions = positions  # training positions (losses.training_positions)
         self.n_train, self.n_val = len(pairs), len(self.val_pairs)
         self.ref: list[tuple[float, int, float, int]] | None = None
         self.val_ref: list[tuple[float, int, float, int]] | None = None
+
+    def begin_step(self, step: int) -> None:
+        pass  # DPO draws nothing per step
 
     def num_tokens(self, idxs: list[int]) -> int:
         return sum(self.pairs[i][0].sample.num_tokens + self.pairs[i][1].sample.num_tokens for i in idxs)
@@ -119,14 +122,16 @@ class DPOTask:
         return self._batch(model, [self.pairs[i] for i in idxs], [self.ref[i] for i in idxs] if self.ref else None)
 
     def loss_and_grad(self, model, idxs: list[int]):
-        """Same value and gradient as ``nn.value_and_grad(model, batch_loss)``, with one response's
-        graph in memory at a time (used with ``split_backward``): a forward pass gives every
+        """``nn.value_and_grad(model, batch_loss)``; with ``split_backward`` the same value and
+        gradient with one response's graph in memory at a time: a forward pass gives every
         response's log-prob, the loss's derivative with respect to each log-prob is a scalar, and
         the gradient is the sum of those scalars times each response's log-prob gradient (one
         extra forward per response)."""
         import mlx.nn as nn
         from mlx.utils import tree_map
 
+        if not self.split_backward:
+            return nn.value_and_grad(model, self.batch_loss)(model, idxs)
         if self.ref is None:
             raise RuntimeError("call prepare_reference() before training")
         lp = [[item_logprob(model, it, self.processor, self.dtype, self.positions) for it in self.pairs[i]] for i in idxs]

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -72,11 +72,21 @@ class Task(Protocol):
     n_train: int
     n_val: int
 
+    def begin_step(self, step: int) -> None: ...  # before each update (per-step randomness)
+
     def batch_loss(self, model, idxs: list[int]) -> tuple[mx.array, dict[str, mx.array]]: ...
 
     def num_tokens(self, idxs: list[int]) -> int: ...
 
     def evaluate(self, model, limit: int) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class GradientTask(Task, Protocol):
+    """A task that computes its own loss and gradient (DPO with ``--grad-checkpoint``: one
+    response's graph in memory at a time); others get ``nn.value_and_grad`` of ``batch_loss``."""
+
+    def loss_and_grad(self, model, idxs: list[int]) -> tuple[tuple[mx.array, dict[str, mx.array]], dict]: ...
 
 
 # -------------------------------------------------------------------------- batching
@@ -147,36 +157,16 @@ def _chunked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, chunk: i
     return mx.concatenate(outs, axis=2)
 
 
-def _qwen_attention_call(self, x, cos, sin, mask=None, cache=None, *, _base, _chunk):
-    """``qwen2.Attention.__call__`` with query-chunked attention for long uncached causal inputs."""
-    from ..models.qwen2 import apply_rotary
+def chunked_sdpa(base: Callable, chunk: int) -> Callable:
+    """An attention module's ``sdpa`` step that computes long uncached (training) attention in
+    recomputed query chunks (``_chunked``); cached and short calls take ``base``."""
 
-    B, L, _ = x.shape
-    if cache is not None or L <= _chunk or mask != "causal":
-        return _base(self, x, cos, sin, mask, cache)
-    q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-    k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    out = _chunked(q, k, v, self.scale, "causal", _chunk)
-    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    def sdpa(q, k, v, *, scale: float, mask=None, cache=None):
+        if cache is not None or q.shape[2] <= chunk or mask is None:
+            return base(q, k, v, cache=cache, scale=scale, mask=mask)
+        return _chunked(q, k, v, scale, mask, chunk)
 
-
-def _infinity_attention_call(self, x, cos, sin, mask=None, cache=None, *, _base, _chunk):
-    """``infinity.SelfAttention.__call__`` with query-chunked attention in training (no cache)."""
-    from ..models.infinity import MAX_SCALE_MUL, _apply_rope_interleaved, _l2_normalize
-
-    B, L, C = x.shape
-    if cache is not None or L <= _chunk or mask is None:
-        return _base(self, x, cos, sin, mask, cache)
-    bias = mx.concatenate([self.q_bias, mx.zeros_like(self.q_bias), self.v_bias])
-    qkv = (self.mat_qkv(x) + bias).reshape(B, L, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-    q = _l2_normalize(q) * mx.exp(mx.minimum(self.scale_mul_1H11, MAX_SCALE_MUL))
-    k = _l2_normalize(k)
-    q, k = _apply_rope_interleaved(q, cos, sin), _apply_rope_interleaved(k, cos, sin)
-    out = _chunked(q, k, v, 1.0, mask, _chunk)
-    return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, C))
+    return sdpa
 
 
 def _bind(fn, base, chunk: int):
@@ -185,15 +175,15 @@ def _bind(fn, base, chunk: int):
     return call
 
 
-def _swap_attention(instances, fn, chunk: int) -> None:
+def _swap_call(instances, fn, chunk: int) -> None:
     made: dict[type, type] = {}
     for obj in instances:
         cls = type(obj)
-        if getattr(cls, "_chunked_attention", False):
+        if getattr(cls, "_chunked_call", False):
             continue
         if cls not in made:
             made[cls] = type(f"Chunked{cls.__name__}", (cls,),
-                             {"__call__": _bind(fn, cls.__call__, chunk), "_chunked_attention": True})
+                             {"__call__": _bind(fn, cls.__call__, chunk), "_chunked_call": True})
         obj.__class__ = made[cls]
 
 
@@ -213,14 +203,15 @@ def _token_chunked_call(self, x, *, _base, _chunk):
 
 
 def enable_chunked_attention(model, chunk: int = 512) -> None:
-    """Query-chunked, recomputed self-attention for the LLM layers and Infinity blocks, and
-    token-chunked, recomputed MLPs / FFNs (training forwards only: cached inference calls take the
-    original path). Same results up to float rounding; a long sequence's attention memory falls
-    from O(L^2) to O(chunk x L) per head and the MLP's from O(L x 4H) to O(chunk x 4H)."""
-    _swap_attention([layer.self_attn for layer in model.model.layers], _qwen_attention_call, chunk)
-    _swap_attention([b.sa for b in model.vargpt_gen.blocks], _infinity_attention_call, chunk)
-    _swap_attention([layer.mlp for layer in model.model.layers], _token_chunked_call, chunk)
-    _swap_attention([b.ffn for b in model.vargpt_gen.blocks], _token_chunked_call, chunk)
+    """Query-chunked, recomputed self-attention for the LLM layers and Infinity blocks (their
+    ``sdpa`` seam), and token-chunked, recomputed MLPs / FFNs (training forwards only: cached
+    inference calls take the original path). Same results up to float rounding; a long sequence's
+    attention memory falls from O(L^2) to O(chunk x L) per head and the MLP's from O(L x 4H) to
+    O(chunk x 4H)."""
+    for attn in [layer.self_attn for layer in model.model.layers] + [b.sa for b in model.vargpt_gen.blocks]:
+        attn.sdpa = chunked_sdpa(type(attn).sdpa, chunk)
+    _swap_call([layer.mlp for layer in model.model.layers] + [b.ffn for b in model.vargpt_gen.blocks],
+               _token_chunked_call, chunk)
 
 
 def enable_grad_checkpoint(model, attn_chunk: int = 512) -> int:
@@ -380,7 +371,7 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
     # only the adapters: base weights stay memory-mapped until a forward touches them
     mx.eval(model.trainable_parameters(), optimizer.state)
 
-    loss_and_grad = nn.value_and_grad(model, task.batch_loss)
+    loss_and_grad = task.loss_and_grad if isinstance(task, GradientTask) else nn.value_and_grad(model, task.batch_loss)
     losses: list[float] = []
     vals: list[tuple[int, dict[str, float]]] = []
     mx.reset_peak_memory()
@@ -390,8 +381,7 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
     for step in range(start, args.iters):
         t0 = time.perf_counter()
         model.train()
-        if hasattr(task, "begin_step"):
-            task.begin_step(step)
+        task.begin_step(step)
         if lora_cfg.dropout > 0:
             mx.random.seed(args.seed * 1_000_003 + step)
         grads_acc = None
@@ -400,10 +390,7 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
         ntok = 0
         for micro in range(args.grad_accum):
             idxs = batch_indices(args.seed, task.n_train, step, micro, args.batch_size, args.grad_accum)
-            if getattr(task, "split_backward", False):
-                (loss, metrics), grads = task.loss_and_grad(model, idxs)
-            else:
-                (loss, metrics), grads = loss_and_grad(model, idxs)
+            (loss, metrics), grads = loss_and_grad(model, idxs)
             ntok += task.num_tokens(idxs)
             grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
             loss_sum = loss_sum + loss
