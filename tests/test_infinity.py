@@ -1,11 +1,11 @@
 """Infinity decoder and bit sampling vs the upstream reference run (teacher-forced).
 
 About the per-scale bit-logit checks: upstream rounds the cross-attention q / k / v and output
-to bfloat16 even in float32 mode (FACTS §5.4). A float32 difference of one ulp just before such
-a rounding moves the bf16 value by 2**-8 relative, so from scale 2 on a few tokens of the
-logits differ from the reference by up to ~1e-3 (about 2e-4 of the logits' range). Our own
-forward shows the same spread when its input is perturbed by 1e-7 relative
-(``test_bf16_rounding_sensitivity``): it is not a porting error, and no float32 reordering can
+to bfloat16 even in float32 mode (``CrossAttention.forward`` in ``infinity/models/basic.py``).
+A float32 difference of one ulp just before such a rounding moves the bf16 value by 2**-8
+relative, so from scale 2 on a few tokens of the logits differ from the reference by up to ~1e-3
+(about 2e-4 of the logits' range). Our own forward shows the same spread when its input is
+perturbed by 1e-7 relative (``test_bf16_rounding_sensitivity``): it is not a porting error, and no float32 reordering can
 remove it. Those logits are therefore compared under the ``bit_logits`` tolerance of tolerances.py (at
 least 97% of elements within the float32 bound, all within half a bf16 ulp of the logit scale), and
 the quantities that matter are checked strictly: the chosen bits (a bit may differ only at a

@@ -16,7 +16,7 @@ from vargpt_mlx.models.vargpt import VARGPT, sanitize
 
 DTYPES = {"F32": mx.float32, "float32": mx.float32, "BF16": mx.bfloat16, "bfloat16": mx.bfloat16,
           "I64": mx.int64, "int64": mx.int64}
-# the dead weights upstream stores and never uses (FACTS §9, §10.7)
+# the dead weights upstream stores and never uses (zero_k_bias buffers, text_proj_for_ca, ln_q)
 DEAD = ("zero_k_bias", "text_proj_for_ca.", "image_gen_projector.ln_q.", "image_gen_projector_out.ln_q.",
         "quantizer.lfq.mask")
 

@@ -1,4 +1,4 @@
-"""Scale schedules vs the values stated in FACTS §7 and the fixture runs."""
+"""Scale schedules vs upstream ``infinity/utils/dynamic_resolution.py`` and the fixture runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from vargpt_mlx import schedules as S
 SQUARE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32),
           (40, 40), (48, 48), (64, 64)]
 
-# h/w -> (0.25M L, (H px, W px)) from FACTS §7
+# h/w -> (0.25M L, (H px, W px)) of upstream's ``dynamic_resolution_h_w`` table
 RATIO_025M = {
     1.25: (2814, (560, 448)),
     1.333: (2657, (576, 432)),

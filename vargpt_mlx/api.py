@@ -1,19 +1,10 @@
 """Python API: ``load`` a model once, then generate or edit images with it (chat: ``vargpt_mlx.chat``).
 
-    from vargpt_mlx.api import load, generate_image, edit_image, save_image
-
-    pipe = load("path/or/VARGPT-family/VARGPT-v1.1")
-    images = generate_image(pipe, "a watercolor fox in the snow", n=2, seed=7)
-    for i, im in enumerate(images):
-        save_image(im, f"fox_{i}.png")          # PNG text chunks: prompt, seed, settings
-    edited = edit_image(load("VARGPT-family/VARGPT-v1.1-edit"), "photo.jpg",
-                        "Transform this image <image> to match the style of a Bauhaus poster")
-
 ``generate_image`` / ``edit_image`` also take a path or repo id instead of a ``Pipeline`` (loaded
 for the call). Weights are memory-mapped safetensors, read when first used.
 
-How prompts are built (upstream behaviour, FACTS §1, §5)
---------------------------------------------------------
+How prompts are built (upstream ``inference_v1_1/generation_vargpt_v1_1.py``)
+---------------------------------------------------------------------------
 * **Text to image.** One user turn holding the text, rendered with the model's own chat template
   (the Qwen2-VL template adds the default system prompt), then the generation prompt
   ``<|im_start|>assistant\\n``, then ``assistant_prefix`` (default empty), then
@@ -29,11 +20,6 @@ How prompts are built (upstream behaviour, FACTS §1, §5)
   sample starts with) + ``<|image_gen_start|>``. The input image is first capped at 512*512 pixels
   with a nearest-neighbour resize, as LLaMA-Factory's ``image_resolution`` does in upstream's
   edit inference, then goes through the Qwen2-VL image processor and the vision tower.
-
-Settings default to upstream's hard-coded ones (cfg 3, tau 0.5, top_k 900, top_p 0.97, the
-checkpoint's pn, square). Unlike upstream (wall-clock seed), a given seed reproduces the image;
-image ``i`` of ``n`` uses seed ``seed + i``. Non-square ``aspect`` values use Infinity's
-schedules for that ratio (upstream always draws squares).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from .errors import InputError
+from .reference.sizes import read_arch_sidecar
 
 
 class ConfigError(InputError):
@@ -214,11 +215,7 @@ class VARGPTConfig:
                 f"{path} is not a VARGPT-v1.1 checkpoint: config.json has no special_tokens "
                 "with image_gen_start_token_id"
             )
-        arch = None
-        sidecar = path / "tiny_arch.json"
-        if sidecar.is_file():
-            arch = json.loads(sidecar.read_text())
-        return cls.from_dict(cfg, arch)
+        return cls.from_dict(cfg, read_arch_sidecar(path))
 
     def arch_dict(self) -> dict[str, Any]:
         """The architecture sizes upstream's config lacks (written into converted configs)."""

@@ -1,7 +1,7 @@
 """Image preprocessing for the understanding path (numpy + PIL, no torch).
 
 Mirrors upstream ``VARGPTQwen2VLImageProcessor``, a copy of the Qwen2-VL *slow* image processor of
-transformers 4.46.1 (FACTS §2):
+transformers 4.46.1 (``vargpt_qwen_v1_1/image_processing_qwen2_vl.py``):
 
 1. ``smart_resize`` picks a size that is a multiple of ``patch_size * merge_size`` (28) with a pixel
    count inside ``[min_pixels, max_pixels]``; the image is resized with PIL bicubic only when the

@@ -49,7 +49,8 @@ forcing), so a near-tie flip cannot change later scales, and tensors downstream 
 teacher inputs, decoded images, training logits and losses) are computed from the reference's bits.
 
 Why Infinity bit logits get a flip allowance: upstream rounds the cross-attention q, k, v and
-output to bfloat16 even in its float32 mode (FACTS §5.4), and the port reproduces that rounding.
+output to bfloat16 even in its float32 mode (``CrossAttention.forward`` in
+``var_model/infinity/models/basic.py``), and the port reproduces that rounding.
 A float32 value within a float32 rounding of a bf16 rounding boundary rounds the other way in a
 different summation order, which moves that element by a full bf16 ulp (2**-8 relative); a
 handful of logits then move by up to ~2e-4 of the logit scale while the rest match to ~1e-6

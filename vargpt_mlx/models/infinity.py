@@ -11,7 +11,7 @@ VARGPT drives the blocks itself: the block input of every scale is the projected
 (condition, per-scale inference with a KV cache, block-causal training forward) rather than
 upstream's ``autoregressive_infer_cfg``.
 
-Numerics reproduced on purpose (FACTS §5.4, §10):
+Numerics reproduced on purpose (``CrossAttention`` / ``precompute_rope2d_freqs_grid`` in ``basic.py``):
 
 * the cross-attention and the ``text_proj_for_sos`` attentive pool cast q / k / v to bfloat16,
   attend in float32 from those values and round the output to bfloat16 (flash-attn's fp32 path);

@@ -82,8 +82,10 @@ def sanitize(weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], list[st
     """Map upstream checkpoint keys to this model's parameter names.
 
     Returns ``(mapped, dropped)`` where ``dropped`` lists the upstream keys knowingly discarded
-    (dead weights FACTS lists: zero_k_bias buffers, text_proj_for_ca, projector ln_q, the BSQ
-    bit-mask buffer). Unknown keys are passed through so that strict loading names them.
+    (dead weights: the always-zero ``zero_k_bias`` buffers of ``infinity/models/basic.py``,
+    ``text_proj_for_ca`` and the projectors' ``ln_q``, computed or built by upstream but never
+    used, and the BSQ ``mask`` buffer of ``bsq_vae/multiscale_bsq.py``). Unknown keys are passed
+    through so that strict loading names them.
     """
     parts, rest = split_parts(weights)
     out: dict[str, mx.array] = {}

@@ -1,4 +1,4 @@
-"""Qwen2-VL vision tower (upstream ``visual.*``), FACTS §3.
+"""Qwen2-VL vision tower (upstream ``visual.*``).
 
 Mirrors transformers 4.46.1 ``Qwen2VisionTransformerPretrainedModel`` as used by VARGPT-v1.1:
 

@@ -159,7 +159,7 @@ def build_random(upstream: str, sizes_spec: str, seed: int, out: str, dtype: str
     model.generation_config = gen_cfg
     model.save_pretrained(str(out_dir), safe_serialization=True)
     ip_mod.VARGPTQwen2VLImageProcessor().save_pretrained(str(out_dir))
-    (out_dir / "tiny_arch.json").write_text(json.dumps(arch_sidecar(s, dtype), indent=1) + "\n")
+    (out_dir / sizes_mod.ARCH_SIDECAR).write_text(json.dumps(arch_sidecar(s, dtype), indent=1) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     return {"out": str(out_dir), "sizes": s.as_dict(), "seed": int(seed), "dtype": dtype, "parameters": n_params,
             "randomized": len(rules), "env": notes}

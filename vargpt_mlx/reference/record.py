@@ -523,8 +523,7 @@ def load_upstream(modeling, ckpt: Path, dtype: str, device: str):
     import torch
 
     cfg = json.loads((ckpt / "config.json").read_text())
-    sidecar = ckpt / "tiny_arch.json"
-    arch = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    arch = sizes_mod.read_arch_sidecar(ckpt)
     s = sizes_mod.sizes_from_arch(cfg, arch)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     with upstream_env.sized(s):

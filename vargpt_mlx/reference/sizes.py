@@ -21,11 +21,13 @@ This file is also run as a top-level module inside the recorder process (no pack
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 PNS = ("0.06M", "0.25M", "0.60M", "1M")
 REAL_BOS = 151643
-# offsets of the special tokens from <|endoftext|> (FACTS §1)
+# offsets of the special tokens from <|endoftext|> in the Qwen2-VL vocabulary plus VARGPT's three
 TOKEN_OFFSETS = {
     "bos_token_id": 0, "pad_token_id": 0, "im_start": 1, "eos_token_id": 2, "vision_start_token_id": 9,
     "vision_end_token_id": 10, "vision_token_id": 11, "image_token_id": 12, "video_token_id": 13,
@@ -146,6 +148,18 @@ def parse_sizes(spec: str) -> Sizes:
         except ValueError:
             raise SizeError(f"bad value in size item {p!r}") from None
     return replace(base, **over).validate()
+
+
+# Upstream hard-codes the Infinity / VAE sizes (and pn), so its config.json lacks them: an
+# upstream-format checkpoint of other sizes carries them in this sidecar (README: Models).
+ARCH_SIDECAR = "tiny_arch.json"
+
+
+def read_arch_sidecar(ckpt_dir: str | Path) -> dict | None:
+    """The ``tiny_arch.json`` sidecar of a checkpoint directory (``infinity``, ``vae`` and ``pn``
+    blocks), or ``None`` when it has none (upstream's real sizes)."""
+    f = Path(ckpt_dir) / ARCH_SIDECAR
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def sizes_from_arch(cfg: dict, arch: dict | None) -> Sizes:

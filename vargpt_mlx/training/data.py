@@ -22,7 +22,8 @@ Preference (DPO) file: records with a prompt (``messages`` ending with a user tu
 ``<image>`` inputs.
 
 Tokenization follows the training template upstream registers for LLaMA-Factory
-(``vargpt_qwen2_vl``, FACTS §1): ``<|im_start|>system\\n{sys}<|im_end|>\\n``, user turns
+(``vargpt_qwen2_vl``; the special tokens are upstream ``configuration_vargpt_qwen2_vl.py``'s):
+``<|im_start|>system\\n{sys}<|im_end|>\\n``, user turns
 ``<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n``, assistant turns
 ``{content}<|im_end|>``, a ``"\\n"`` separator before every later user turn. Prompt parts get
 label -100; assistant content and its ``<|im_end|>`` are supervised. ``<image>`` expands to

@@ -1,4 +1,5 @@
-"""Training forwards and losses, the same math as upstream's VARGPT-v1.1 SFT branch (FACTS §8).
+"""Training forwards and losses, the same math as upstream's VARGPT-v1.1 SFT branch
+(``VARGPTQwen2VLForConditionalGeneration.forward`` with ``pixel_gen_values``, ``version == 1.1``).
 
 * ``t2i_sft_loss``: text cross-entropy + 3.0 x bit-label cross-entropy for a text-to-image sample.
   Upstream's text CE trains on *every* token except ``<|image_gen_pad|>`` (system and user prompt
@@ -276,7 +277,7 @@ def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nda
 def uncond_bit_loss(model: VARGPT, x_wo_prefix: mx.array, gt_bits: mx.array, schedule: list[tuple[int, int]],
                     n_memory: int) -> mx.array:
     """Bit CE of the unconditional CFG branch, computed as ``autoregressive_infer_cfg`` runs it
-    (FACTS-quirk kept): start row ``cfg_uncond[0]``; every scale alone through the LLM with no
+    (upstream's quirk kept): start row ``cfg_uncond[0]``; every scale alone through the LLM with no
     prompt, no cache and positions 0..hw-1; the same next-scale inputs as the cond branch; the
     cross-attention memory is the raw ``cfg_uncond[:n_memory]`` (n = the prompt length)."""
     inf = model.vargpt_gen
