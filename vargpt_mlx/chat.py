@@ -345,10 +345,9 @@ class ChatSession:
             raise
 
     def _turn(self, user_msg, ids, pixel_values, grids, n_messages: int) -> Iterator[str | ImageEvent]:
-        tok = self.tokens
         if len(self.messages) != n_messages:
             raise ChatError("the conversation changed since send() was called; consume each reply first")
-        stats = self.last_turn = TurnStats(prompt_tokens=len(ids))
+        stats = self.last_turn = TurnStats(prompt_tokens=len(ids), finish="interrupted")
         t0 = time.perf_counter()
         h = self._prefill(ids, pixel_values, grids)
         self._history_images = []
@@ -357,47 +356,52 @@ class ChatSession:
         if grids is not None:
             self.image_grids += [tuple(int(x) for x in g) for g in np.asarray(grids)]
         detok = self.tokenizer.detokenizer
-        reply: list[int] = []
-        finish = "interrupted"
         t0 = time.perf_counter()
-        steps = generate_step(h, self._feed_token, self.model.lm_head, sampler=self._sampler,
-                              logits_processors=self.logits_processors, history=self.token_ids)
         try:
-            for step in range(self.max_tokens):
-                token_id, _ = next(steps)  # feeds the previous token first
-                stats.tokens.append(token_id)
-                if token_id in self.eos_ids:
-                    finish = "eos"  # not fed: the template's continuation starts with <|im_end|>
-                    break
-                if token_id == tok.image_gen_start_token_id:
-                    finish = "image"
-                    stats.generation_s = time.perf_counter() - t0
-                    yield from self._draw_image(stats, steps)
-                    break
-                reply.append(token_id)
-                self._pending = [token_id]  # chosen, not yet fed
-                if token_id not in self._hidden_special:
-                    detok.add_token(token_id)
-                    piece = detok.last_segment
-                    if piece:
-                        yield piece
-                if step == self.max_tokens - 1:
-                    finish = "length"  # upstream stops without feeding it; the next turn does
+            yield from self._reply(h, stats, detok, t0)
             detok.finalize()
             piece = detok.last_segment
             if piece:
                 yield piece
         finally:
-            if finish != "image":
-                stats.generation_s = time.perf_counter() - t0
-            self._sync_cache()
-            detok.finalize()
-            content = self.tokenizer.decode(reply)
-            if finish == "image":
-                content += "".join(self.tokenizer.convert_ids_to_tokens(
-                    [tok.image_gen_start_token_id, tok.image_gen_end_token_id]))
-            self.messages.append({"role": "assistant", "content": content})
-            stats.finish, stats.text = finish, detok.text
+            self._end_turn(stats, detok, t0)
+
+    def _reply(self, h: mx.array, stats: TurnStats, detok, t0: float) -> Iterator[str | ImageEvent]:
+        """Decode the reply with ``generate_step``, streaming its text as the detokenizer releases it."""
+        steps = generate_step(h, self._feed_token, self.model.lm_head, sampler=self._sampler,
+                              logits_processors=self.logits_processors, history=self.token_ids)
+        for _ in range(self.max_tokens):
+            token_id, _ = next(steps)  # feeds the previous token first
+            stats.tokens.append(token_id)
+            if token_id in self.eos_ids:
+                stats.finish = "eos"  # not fed: the template's continuation starts with <|im_end|>
+                return
+            if token_id == self.tokens.image_gen_start_token_id:
+                stats.finish, stats.generation_s = "image", time.perf_counter() - t0
+                yield from self._draw_image(stats, steps)
+                return
+            self._pending = [token_id]  # chosen, not yet fed
+            if token_id not in self._hidden_special:
+                detok.add_token(token_id)
+                piece = detok.last_segment
+                if piece:
+                    yield piece
+        stats.finish = "length"  # upstream stops without feeding the last token; the next turn does
+
+    def _end_turn(self, stats: TurnStats, detok, t0: float) -> None:
+        """However the turn ended, the conversation keeps the reply so far and the cache matches it."""
+        tok = self.tokens
+        if stats.finish != "image":
+            stats.generation_s = time.perf_counter() - t0
+        self._sync_cache()
+        detok.finalize()
+        ended = stats.finish in ("eos", "image")  # the last token ends the reply, it is not text
+        content = self.tokenizer.decode(stats.tokens[:-1] if ended else stats.tokens)
+        if stats.finish == "image":
+            content += "".join(self.tokenizer.convert_ids_to_tokens(
+                [tok.image_gen_start_token_id, tok.image_gen_end_token_id]))
+        self.messages.append({"role": "assistant", "content": content})
+        stats.text = detok.text
 
     def _draw_image(self, stats: TurnStats, steps: Iterator[tuple[int, mx.array]]) -> Iterator[ImageEvent]:
         """Upstream's branch: feed the start token, choose (and drop) t2, draw."""
