@@ -334,6 +334,52 @@ class TrainResult:
 Reporter = Callable[[str, object], None]  # (event, payload): "step" StepInfo, "eval" (step, dict), "save" step
 
 
+def _resume(model, optimizer, args: TrainArgs, adapter_dir: Path, lora_cfg: LoraConfig) -> int:
+    """Load a run's checkpoint into ``model`` and ``optimizer``; returns the step it reached."""
+    state, adapters, opt_flat = read_checkpoint(adapter_dir)
+    expected = trained_weights(model, lora_cfg)
+    if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
+        raise CheckpointMismatch("checkpoint weights do not fit the trained layers of this run")
+    model.load_weights(list(adapters.items()), strict=False)
+    _restore_optimizer(optimizer, model, opt_flat)
+    if args.lr_schedule == "constant":  # a schedule continues from the restored step count
+        optimizer.learning_rate = args.learning_rate
+    start = int(state["step"])
+    if start >= args.iters:
+        raise CheckpointMismatch(f"the checkpoint is at step {start}, nothing to do for --iters {args.iters}")
+    return start
+
+
+def _accumulate(model, task: Task, args: TrainArgs, step: int, loss_and_grad):
+    """Loss, metric and gradient sums over the micro-batches of one update (gradients averaged)."""
+    grads_acc = None
+    loss_sum = mx.array(0.0)
+    metric_sums: dict[str, mx.array] = {}
+    ntok = 0
+    for micro in range(args.grad_accum):
+        idxs = batch_indices(args.seed, task.n_train, step, micro, args.batch_size, args.grad_accum)
+        (loss, metrics), grads = loss_and_grad(model, idxs)
+        ntok += task.num_tokens(idxs)
+        grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
+        loss_sum = loss_sum + loss
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v
+        mx.eval(loss_sum, grads_acc, metric_sums)
+    if args.grad_accum > 1:
+        grads_acc = tree_map(lambda g: g / args.grad_accum, grads_acc)
+    return loss_sum, metric_sums, grads_acc, ntok
+
+
+def _check_finite(loss_val: float, grads, step: int, last_saved: int, adapter_dir: Path) -> None:
+    if math.isfinite(loss_val) and _all_finite(grads):
+        return
+    what = f"loss is {loss_val}" if not math.isfinite(loss_val) else "a gradient is not finite"
+    raise TrainingDiverged(
+        f"{what} at step {step + 1}; training stopped. The last good checkpoint "
+        f"(step {last_saved}) is kept in {adapter_dir}" if last_saved else
+        f"{what} at step {step + 1}; training stopped before any checkpoint was written")
+
+
 def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg: LoraConfig, *,
           resume: bool = False, meta: dict | None = None, report: Reporter | None = None) -> TrainResult:
     """Train the LoRA parameters of ``model`` (already wrapped by ``apply_lora``) on ``task``, or
@@ -353,20 +399,8 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
     if args.grad_checkpoint:
         enable_grad_checkpoint(model)
     optimizer = make_optimizer(args)
-    start = 0
-    if resume:
-        state, adapters, opt_flat = read_checkpoint(adapter_dir)
-        expected = trained_weights(model, lora_cfg)
-        if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
-            raise CheckpointMismatch("checkpoint weights do not fit the trained layers of this run")
-        model.load_weights(list(adapters.items()), strict=False)
-        _restore_optimizer(optimizer, model, opt_flat)
-        if args.lr_schedule == "constant":  # a schedule continues from the restored step count
-            optimizer.learning_rate = args.learning_rate
-        start = int(state["step"])
-        if start >= args.iters:
-            raise CheckpointMismatch(f"the checkpoint is at step {start}, nothing to do for --iters {args.iters}")
-    else:
+    start = _resume(model, optimizer, args, adapter_dir, lora_cfg) if resume else 0
+    if not resume:
         optimizer.init(model.trainable_parameters())
     # only the adapters: base weights stay memory-mapped until a forward touches them
     mx.eval(model.trainable_parameters(), optimizer.state)
@@ -384,28 +418,9 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
         task.begin_step(step)
         if lora_cfg.dropout > 0:
             mx.random.seed(args.seed * 1_000_003 + step)
-        grads_acc = None
-        loss_sum = mx.array(0.0)
-        metric_sums: dict[str, mx.array] = {}
-        ntok = 0
-        for micro in range(args.grad_accum):
-            idxs = batch_indices(args.seed, task.n_train, step, micro, args.batch_size, args.grad_accum)
-            (loss, metrics), grads = loss_and_grad(model, idxs)
-            ntok += task.num_tokens(idxs)
-            grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
-            loss_sum = loss_sum + loss
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v
-            mx.eval(loss_sum, grads_acc, metric_sums)
-        if args.grad_accum > 1:
-            grads_acc = tree_map(lambda g: g / args.grad_accum, grads_acc)
+        loss_sum, metric_sums, grads_acc, ntok = _accumulate(model, task, args, step, loss_and_grad)
         loss_val = loss_sum.item() / args.grad_accum
-        if not math.isfinite(loss_val) or not _all_finite(grads_acc):
-            what = f"loss is {loss_val}" if not math.isfinite(loss_val) else "a gradient is not finite"
-            raise TrainingDiverged(
-                f"{what} at step {step + 1}; training stopped. The last good checkpoint "
-                f"(step {last_saved}) is kept in {adapter_dir}" if last_saved else
-                f"{what} at step {step + 1}; training stopped before any checkpoint was written")
+        _check_finite(loss_val, grads_acc, step, last_saved, adapter_dir)
         optimizer.update(model, grads_acc)
         mx.eval(model.trainable_parameters(), optimizer.state)
         losses.append(loss_val)
