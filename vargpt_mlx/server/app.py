@@ -1,10 +1,8 @@
 """The FastAPI application: OpenAI-compatible routes over one model owned by a ``ModelWorker``.
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or server-sent events),
-``POST /v1/images/generations`` (JSON), ``POST /v1/images/edits`` (multipart), ``GET /health``,
-``GET /`` (the chat page, files under ``static/``). Every error is OpenAI's
-``{"error": {"message", "type", "param", "code"}}``. One log line per request (route, status,
-tokens or scales, seconds) on the ``vargpt_mlx.server`` logger.
+The routes are the README's (``serve``); the page's files are under ``static/``. Every error is
+OpenAI's ``{"error": {"message", "type", "param", "code"}}``. One log line per request (route,
+status, tokens or scales, seconds) on the ``vargpt_mlx.server`` logger.
 """
 
 from __future__ import annotations
