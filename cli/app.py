@@ -63,9 +63,9 @@ class UserError(InputError):
 
 _debug = bool(os.environ.get(DEBUG_ENV))
 
-# file-system refusals that are the environment's, not a bug: one line, exit 2
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-               errno.ENOENT, errno.EISDIR, errno.EFBIG, errno.EIO, errno.ENAMETOOLONG}
+# file-system refusals that are the environment's, not a bug (full disk, read-only, permissions):
+# one line, exit 2. A missing file or a path of the wrong kind is checked up front instead.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -167,6 +167,15 @@ def model_option(required_help: str = MODEL_HELP):
 
 
 def need_model(model: str | None) -> str:
+    """The ``--model`` value; a local path must be a checkpoint directory (checked without loading)."""
     if not model:
         fail("no model given: pass --model DIR_OR_REPO or set VARGPT_MODEL")
+    from pathlib import Path
+
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            fail(f"model path {model} is not a directory")
+        if not (p / "config.json").is_file():
+            fail(f"{model} is not a VARGPT checkpoint: no config.json")
     return model

@@ -193,8 +193,8 @@ def chat(
     model = need_model(model)
     if max_tokens < 1:
         fail("--max-tokens must be >= 1")
-    if temp < 0:
-        fail("--temp must be >= 0")
+    if not (0 <= temp < float("inf")):
+        fail("--temp must be a finite number >= 0")
     if not 0 < top_p <= 1:
         fail("--top-p must be in (0, 1]")
     if seed is not None and not 0 <= seed < 2**63:
@@ -204,8 +204,8 @@ def chat(
     guarded(lambda: check_writable_dir(out_dir, "--out-dir"))  # else drawn images would be lost
     if tokenizer is not None and not tokenizer.is_dir():
         fail(f"--tokenizer {tokenizer} is not a directory")
-    if adapter_path is not None and not adapter_path.exists():
-        fail(f"adapter path {adapter_path} does not exist")
+    if adapter_path is not None and not adapter_path.is_dir():
+        fail(f"adapter path {adapter_path} does not exist or is not a directory")
     guarded(lambda: _check_images(image))
 
     from vargpt_mlx.api import load

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .app import app, err, guarded, out
+from .app import UserError, app, err, guarded, out
 
 _HELP_DTYPE = "Stored float dtype: float16, bfloat16 or float32 (default: as stored in the source)."
 _HELP_SHARD = "Largest output shard, e.g. 5GB, 500MB (a bigger single tensor gets a shard of its own)."
@@ -21,6 +21,25 @@ def _quant_spec(quantize: bool, bits: Optional[int], group_size: Optional[int], 
         return None
     return QuantSpec(bits=4 if bits is None else bits, group_size=64 if group_size is None else group_size,
                      scope="all" if quantize_all else "default")
+
+
+def _light_checks(source: str, out_dir: Path, dtype: Optional[str], shard_size: str, tokenizer: Optional[Path],
+                  quant: bool, bits: Optional[int], group_size: Optional[int]) -> None:
+    """Every option, before MLX and the converter are imported."""
+    from vargpt_mlx.files import check_output_dir
+
+    from ..convert.options import check_dtype, check_quant, parse_size
+
+    p = Path(source).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"source {source} is not a directory")
+    check_output_dir(out_dir, "output directory")
+    check_dtype(dtype)
+    parse_size(shard_size)
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise UserError(f"--tokenizer {tokenizer} is not a directory")
+    if quant or bits is not None or group_size is not None:
+        check_quant(4 if bits is None else bits, 64 if group_size is None else group_size)
 
 
 def _run(plan_fn, out_dir: Path, force: bool):
@@ -67,6 +86,8 @@ def convert_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it holds an earlier conversion."),
 ):
     """Convert an upstream VARGPT-v1.1 checkpoint into an MLX model directory (optionally quantized)."""
+    guarded(lambda: _light_checks(source, out_dir, dtype, shard_size, tokenizer, quantize or quantize_all, q_bits,
+                                  q_group_size))
     from ..convert.convert import check_output_dir, local_source, plan_conversion
 
     spec = guarded(lambda: _quant_spec(quantize, q_bits, q_group_size, quantize_all))
@@ -91,6 +112,7 @@ def quantize_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it holds an earlier conversion."),
 ):
     """Quantize a converted (float) MLX directory."""
+    guarded(lambda: _light_checks(source, out_dir, dtype, shard_size, tokenizer, True, q_bits, q_group_size))
     from ..convert.convert import check_output_dir, local_source, plan_conversion
 
     spec = guarded(lambda: _quant_spec(True, q_bits, q_group_size, quantize_all))

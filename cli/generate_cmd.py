@@ -49,7 +49,7 @@ def _run(mode: str, prompt: str, image: Optional[Path], model: Optional[str], ou
          seed: Optional[int], cfg: float, tau: float, top_k: int, top_p: float, pn: Optional[str], aspect: str,
          tokenizer: Optional[Path], adapter_path: Optional[Path], batch_size: Optional[int],
          assistant_prefix: Optional[str]) -> None:
-    from vargpt_mlx import options
+    from vargpt_mlx import files, options
 
     text = prompt.replace("<image>", "") if mode == "edit" else prompt
     if not text.strip():
@@ -66,10 +66,15 @@ def _run(mode: str, prompt: str, image: Optional[Path], model: Optional[str], ou
         options.check_aspect(check_aspect_option(aspect))
         if output.suffix.lower() != ".png":
             raise UserError(f"output {output} must be a .png file (settings are stored in PNG text chunks)")
-        if adapter_path is not None and not adapter_path.exists():
-            raise UserError(f"adapter path {adapter_path} does not exist")
+        if adapter_path is not None and not adapter_path.is_dir():
+            raise UserError(f"adapter path {adapter_path} does not exist or is not a directory")
         if tokenizer is not None and not tokenizer.is_dir():
             raise UserError(f"--tokenizer {tokenizer} is not a directory")
+        if image is not None and not image.is_file():
+            raise UserError(f"image file not found: {image}")
+        paths = [output] if n == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(n)]
+        for p in paths:
+            files.check_new_file(p, "output")
         from vargpt_mlx import api
         from vargpt_mlx.image_processor import smart_resize
 

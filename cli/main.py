@@ -41,7 +41,7 @@ def main():
         msg = " ".join(e.format_message().split())
         app_mod.err.print(f"error: {msg}{where}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except (cx.Abort, app_mod.typer.Abort):
+    except (getattr(cx, "Abort", app_mod.typer.Abort), app_mod.typer.Abort):
         app_mod.err.print("error: aborted", highlight=False, markup=False)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, err, fail, guarded, model_option
+from .app import app, err, fail, guarded, model_option, need_model
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -60,21 +60,15 @@ def serve(
 
     Routes: /v1/models, /v1/chat/completions, /v1/images/generations, /v1/images/edits, /health.
     """
-    try:
-        import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401  (for /v1/images/edits)
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        fail(f"the server needs its extra packages ({e.name} is missing): pip install 'vargpt-mlx[server]'")
-    if not model:
-        fail("no model given: pass --model DIR_OR_REPO or set VARGPT_MODEL")
+    model = need_model(model)
     if not 0 < port < 65536:
         fail("--port must be in 1..65535")
     if max_queue is not None and max_queue < 0:
         fail("--max-queue must be >= 0")
-    if not max_body_mb > 0 or max_body_mb == float("inf") or max_image_pixels <= 0 or max_tokens < 1 or (batch_size is not None and batch_size < 1):
+    if (not 0 < max_body_mb < float("inf") or max_image_pixels <= 0 or max_tokens < 1
+            or (batch_size is not None and batch_size < 1)):
         fail("--max-body-mb, --max-image-pixels, --max-tokens and --batch-size must be positive")
-    if not 0 <= temp <= 2:
+    if not 0 <= temp <= 2:  # (nan fails too)
         fail("--temp must be in [0, 2]")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         fail("--log-level must be debug, info, warning or error")
@@ -84,9 +78,15 @@ def serve(
         guarded(lambda: check_writable_dir(out_dir, "--out-dir"))
     if tokenizer is not None and not tokenizer.is_dir():
         fail(f"--tokenizer {tokenizer} is not a directory")
-    if adapter_path is not None and not adapter_path.exists():
-        fail(f"adapter path {adapter_path} does not exist")
+    if adapter_path is not None and not adapter_path.is_dir():
+        fail(f"adapter path {adapter_path} does not exist or is not a directory")
 
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (for /v1/images/edits)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        fail(f"the server needs its extra packages ({e.name} is missing): pip install 'vargpt-mlx[server]'")
     _check_bind(host, port)  # before the model loads
 
     from vargpt_mlx.server import ServerSettings, build_app, model_id, run

@@ -77,10 +77,10 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
             validate = run.validate_sft if kind == "sft" else run.validate_preferences
             records = validate(data, processor)
             val_records = validate(val_data, processor) if val_data else None
-        err.print(f"data: {len(records)} records in {data}" + (f", {len(val_records)} in {val_data}" if val_records else ""),
-                  markup=False, highlight=False)
         with err.status(f"loading {model}..."):
             pipe = load(path, tokenizer=tokenizer)
+        err.print(f"data: {len(records)} records in {data}" + (f", {len(val_records)} in {val_data}" if val_records else ""),
+                  markup=False, highlight=False)
         return pipe, records, val_records, start
 
     pipe, records, val_records, start = guarded(setup)
@@ -183,8 +183,8 @@ def _check_inputs(kind: str, e: dict, kw: dict) -> None:
     """Every option and path of ``train sft|dpo``, before anything is loaded or written."""
     import math
 
-    from vargpt_mlx.api import normalize_pn
     from vargpt_mlx.files import check_input_file, check_output_dir
+    from vargpt_mlx.options import check_aspect, normalize_pn
 
     def need(ok: bool, msg: str):
         if not ok:
@@ -224,8 +224,6 @@ def _check_inputs(kind: str, e: dict, kw: dict) -> None:
         normalize_pn(kw["pn"])
     check_aspect_option(kw.get("gen_aspect"), "--gen-aspect")
     if kw.get("gen_aspect") is not None:
-        from vargpt_mlx.api import check_aspect
-
         check_aspect(kw["gen_aspect"])
     check_input_file(kw["data"], "--data")
     if kw.get("val_data") is not None:
@@ -383,14 +381,14 @@ def nano(
     stop_after: Optional[str] = _O(None, "--stop-after", help="Stop after this stage: data, vae, sft or dpo."),
 ):
     """Train the nano model from scratch (data, VAE, SFT, DPO, eval); rerun to resume."""
+    from vargpt_mlx.files import check_output_dir
+
+    guarded(lambda: check_output_dir(out_dir, "--output"))  # before the (heavy) recipe is imported
     from vargpt_mlx.hub import NANO_DIR
     from vargpt_mlx.nano import recipe
 
     if stop_after is not None and stop_after not in recipe.STAGES[:4]:
         fail(f"--stop-after must be one of {', '.join(recipe.STAGES[:4])}")
-    from vargpt_mlx.files import check_output_dir
-
-    guarded(lambda: check_output_dir(out_dir, "--output"))
 
     def log(msg: str):
         err.print(msg, markup=False, highlight=False, soft_wrap=True)

@@ -22,8 +22,6 @@ def verify(
                                                                   "err, bound, result, rule, note) to this file."),
 ):
     """Compare a checkpoint with upstream PyTorch reference outputs, component by component."""
-    from vargpt_mlx.verify import Verifier, verify as run_verify
-
     def check():
         from vargpt_mlx.files import check_new_file, check_safetensors
 
@@ -36,6 +34,7 @@ def verify(
             check_new_file(json_out, "--json")
 
     guarded(check)  # before anything is loaded
+    from vargpt_mlx.verify import Verifier, verify as run_verify
 
     def run():
         with err.status("verifying...") as status:

@@ -44,19 +44,15 @@ from vargpt_mlx.hub import resolve_model_path
 from vargpt_mlx.loading import CheckpointError, check_weights, load_config, load_raw_weights, weight_files
 from vargpt_mlx.models.vargpt import VARGPT, sanitize
 from vargpt_mlx.tokenizer import TOKENIZER_FILES, TokenizerError, check_token_ids, load_tokenizer
-from vargpt_mlx.errors import InputError
 from vargpt_mlx.files import check_output_dir as check_output_dir_writable
 
+from .options import (DEFAULT_SHARD_BYTES, DTYPE_NAMES, Q_BITS, Q_GROUP_SIZES, ConvertError, check_dtype,  # noqa: F401
+                      check_quant, parse_size)
 
-class ConvertError(InputError):
-    """A conversion that cannot be done (bad source, bad options, unsafe output directory)."""
 
-
-DEFAULT_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32,
           "fp16": mx.float16, "bf16": mx.bfloat16, "fp32": mx.float32}
-Q_BITS = (2, 3, 4, 5, 6, 8)
-Q_GROUP_SIZES = (32, 64, 128)
+assert set(DTYPES) == set(DTYPE_NAMES)
 MODEL_SIDE_FILES = ("preprocessor_config.json", "generation_config.json")  # of TOKENIZER_FILES
 
 # Layers quantized by default: the matmuls of the LLM decoder, the vision tower and the Infinity
@@ -82,13 +78,7 @@ class QuantSpec:
     scope: str = "default"  # "default": see DEFAULT_QUANT_PREFIXES; "all": every eligible layer
 
     def __post_init__(self):
-        if self.bits not in Q_BITS:
-            raise ConvertError(f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {self.bits}")
-        if self.group_size not in Q_GROUP_SIZES:
-            raise ConvertError(f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, "
-                               f"got {self.group_size}")
-        if self.scope not in ("default", "all"):
-            raise ConvertError(f"quantization scope must be 'default' or 'all', got {self.scope!r}")
+        check_quant(self.bits, self.group_size, self.scope)
 
     def config_block(self) -> dict:
         return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
@@ -97,31 +87,12 @@ class QuantSpec:
 def parse_dtype(name: str | None) -> mx.Dtype | None:
     if name is None:
         return None
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ConvertError(f"--dtype must be float16, bfloat16 or float32, got {name!r}") from None
+    check_dtype(name)
+    return DTYPES[name.lower()]
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> bytes (K/M/G/T are powers of 1024, as mlx-lm's shard limit); plain ints are bytes."""
-    if isinstance(text, int):
-        n = text
-    else:
-        m = _SIZE.match(str(text))
-        if not m:
-            raise ConvertError(f"cannot read size {text!r} (examples: 5GB, 500MB, 1048576)")
-        n = int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
-    if n <= 0:
-        raise ConvertError(f"size must be positive, got {text!r}")
-    return n
 
 
 def human_bytes(n: float) -> str:

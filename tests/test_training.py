@@ -579,6 +579,10 @@ def test_cli_fuse(model_dir, uninterrupted, tmp_path, targets):
     out = tmp_path / "fused"
     r = cli("fuse", "--model", model_dir, "--adapter-path", adapters, "-o", out)
     assert r.exit_code == 0, r.output
+    from vargpt_mlx.files import dir_mode, file_mode
+
+    assert out.stat().st_mode & 0o777 == dir_mode()  # mkdir's mode (the umask), not mkdtemp's 0700
+    assert (out / "config.json").stat().st_mode & 0o777 == file_mode()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "mlx" and cfg["infinity"]["embed_dim"] == 128 and cfg["pn"] == "0.06M"
     assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
