@@ -145,15 +145,27 @@ def test_output_is_a_directory_or_not_png(model_dir, tmp_path):
     assert_user_error(run(*gen_args(model_dir, tmp_path / "o.jpg")), ".png")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
 def test_output_directory_not_writable(model_dir, tmp_path):
-    d = tmp_path / "ro"
-    d.mkdir()
-    d.chmod(0o500)
+    """In a real subprocess, and holding for root (which ignores modes): /proc, an immutable directory."""
+    from tests.test_cli_contract import _immutable_dir, assert_user_error as assert_contract, cli
+
+    places = [Path("/proc")]
+    immutable = _immutable_dir(tmp_path)
+    if immutable is not None:
+        places.append(immutable)
+    elif os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+        places.append(tmp_path / "ro")
     try:
-        assert_user_error(run(*gen_args(model_dir, d / "o.png")), "cannot write")
+        for d in places:
+            r = cli(gen_args(model_dir, d / "o.png"), tmp_path)
+            assert_contract(r, "cannot write", str(d))
     finally:
-        d.chmod(0o700)
+        if immutable is not None:
+            import subprocess
+
+            subprocess.run(["chattr", "-i", str(immutable)], capture_output=True)
 
 
 def test_output_checked_before_the_model_is_loaded(tmp_path):
@@ -215,15 +227,13 @@ def test_edit_bad_image(kind, model_dir, tmp_path):
     assert_user_error(run(*edit_args(model_dir, tmp_path / "o.png", image=path)), message)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read any file")
 def test_edit_unreadable_image(model_dir, tmp_path):
-    p = tmp_path / "secret.png"
-    Image.new("RGB", (64, 64)).save(p)
-    p.chmod(0o000)
-    try:
-        assert_user_error(run(*edit_args(model_dir, tmp_path / "o.png", image=p)), "cannot read image")
-    finally:
-        p.chmod(0o600)
+    """In a real subprocess, and holding for root: /proc/self/mem is a file no one can read from 0."""
+    from tests.test_cli_contract import assert_user_error as assert_contract, cli
+
+    r = cli(edit_args(model_dir, tmp_path / "o.png", image="/proc/self/mem"), tmp_path)
+    assert_contract(r, "cannot read image")
+    assert not (tmp_path / "o.png").exists()
 
 
 def _exif_rotated(path: Path) -> Path:
