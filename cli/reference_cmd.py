@@ -31,6 +31,13 @@ def _run(args: list[str], python: Optional[str], upstream: Path) -> dict:
         fail(str(e), e.code)
 
 
+def _check_python(python: Optional[str]) -> None:
+    import shutil
+
+    if python is not None and not (Path(python).is_file() or shutil.which(python)):
+        fail(f"--python {python} does not exist")
+
+
 @reference_app.command("random")
 def random_cmd(
     upstream: Path = typer.Option(..., "--upstream", help=_HELP_UPSTREAM),
@@ -51,6 +58,9 @@ def random_cmd(
         fail(str(e))
     if dtype not in ("float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {dtype}")
+    if not 0 <= seed < 2**63:
+        fail(f"--seed must be in [0, 2**63), got {seed}")
+    _check_python(python)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         fail(f"output directory {out_dir} exists and is not empty")
     from vargpt_mlx.files import check_output_dir
@@ -95,6 +105,8 @@ def record_cmd(
         from vargpt_mlx.files import check_output_dir
 
         guarded(lambda: check_output_dir(out_dir, "--output"))
+    if not 0 <= seed < 2**63:
+        fail(f"--seed must be in [0, 2**63), got {seed}")
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device}")
     if dtype not in ("float32", "bfloat16"):
@@ -105,6 +117,17 @@ def record_cmd(
         fail(f"image {image} does not exist")
     if prompt is not None and not prompt.strip():
         fail("--prompt is empty")
+    if tokenizer is not None and not tokenizer.is_dir():
+        fail(f"--tokenizer {tokenizer} is not a directory")
+    from vargpt_mlx.files import check_safetensors
+    from vargpt_mlx.image_processor import load_image
+
+    for opt, f in (("--inputs-from", inputs_from), ("--annotate", annotate)):
+        if f is not None:
+            guarded(lambda: check_safetensors(f, opt))
+    if image is not None:
+        guarded(lambda: load_image(image))
+    _check_python(python)
     h_div_w = guarded(lambda: resolve_aspect(check_aspect_option(aspect)))
     args = ["record", "--upstream", str(upstream), "--model", model, "--device", device, "--dtype", dtype,
             "--seed", str(seed), "--aspect", repr(h_div_w), "--rerun", rerun]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def work(tmp_path_factory) -> Path:
     Image.new("RGB", (64, 64), (200, 30, 30)).save(w / "img.png")
     (w / "data.json").write_text('[{"messages": [{"role": "user", "content": "hi"}, '
                                  '{"role": "assistant", "content": "hello"}]}]')
+    (w / "dpo.json").write_text('[{"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}]')
     (w / "refs").mkdir()
     for name in ("refs.safetensors", "refs.json"):
         shutil.copy(FIXTURES / name, w / "refs" / name)
@@ -284,7 +286,7 @@ BASE = {
     "chat": {"prompt": "hi", "--model": "model", "--max-tokens": "1"},
     "serve": {"--model": "model", "--port": "18765"},
     "train sft": {"--data": "data.json", "--adapter-path": "ad", "--model": "model", "--iters": "1"},
-    "train dpo": {"--data": "data.json", "--adapter-path": "ad", "--model": "model", "--iters": "1"},
+    "train dpo": {"--data": "dpo.json", "--adapter-path": "ad", "--model": "model", "--iters": "1"},
     "train nano": {"-o": "nano_out", "--smoke": None},
     "reference random": {"--upstream": "up", "--sizes": "tiny", "-o": "ref_out"},
     "reference record": {"--upstream": "up", "--model": "model", "-o": "rec_out"},
@@ -317,7 +319,7 @@ DOMAINS = {
     "--fine-tune-type": ("bad", ["qlora", "LORA"]), "--optimizer": ("bad", ["sgd"]), "--loss": ("bad", ["hinge"]),
     "--text-loss": ("bad", ["all"]), "--dtype": ("bad", ["f16", "int8"]), "--device": ("bad", ["tpu"]),
     "--rerun": ("bad", ["maybe"]), "--log-level": ("bad", ["loud"]), "--stop-after": ("bad", ["eval", "x"]),
-    "--pn": ("bad", ["3M", "-1M"]), "--aspect": ("bad", ["1.5", "100:1"]),
+    "--pn": ("bad", ["3M", "-1M"]), "--aspect": ("bad", ["1.5", "0:1"]),
     "--gen-aspect": ("bad", ["2", "x:y"]), "--shard-size": ("bad", ["abc", "-5GB"]),
     "--targets": ("bad", ["llm,bogus", ","]), "--sizes": ("bad", ["bogus=1", "tiny,llm_dim=-3"]),
     "--host": ("bad", ["256.256.256.256"]),
@@ -387,10 +389,13 @@ def _params():
     return out
 
 
-def test_every_option_has_a_domain():
+def test_every_option_has_a_domain_and_a_description():
     missing = [f"{p} {k}" for p, k in _params() if _domain(p, k) is None]
     assert not missing, f"options without a DOMAINS entry (say what they accept): {missing}"
     assert set(BASE) == {" ".join(p) for p, _ in _commands()}
+    undocumented = [f"{' '.join(path)} {_key(p)}" for path, cmd in _commands() for p in cmd.params
+                    if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+    assert not undocumented, f"options without help text: {undocumented}"
 
 
 def _args(path: str, key: str, value: str) -> list[str]:
@@ -416,14 +421,17 @@ def test_every_option_rejects_bad_values(data, work):
     for path, key in _params():
         value = _bad_value(_domain(path, key), data)
         if value is not None:
-            cases.append(_args(path, key, value))
+            cases.append((path, key, value))
     before = tree(work)
     with ThreadPoolExecutor(WORKERS) as pool:
-        results = list(pool.map(lambda a: cli(a, work, timeout=90), cases))
+        results = list(pool.map(lambda c: cli(_args(*c), work, timeout=90), cases))
     failures = []
-    for r in results:
+    for (path, key, value), r in zip(cases, results):
+        # the line names the option or the value (else another check failed first: a bad base)
+        names = [key.lstrip("-"), key.lstrip("-").replace("-", "_"), value.strip(), *re.split(r"[,=]", value)]
         try:
             assert_user_error(r, before=before, root=work)
+            assert any(w.strip() and w.strip() in r.stderr for w in names), (path, key, value, r.stderr)
         except AssertionError as e:
             failures.append(str(e).splitlines()[0:4])
     assert not failures, f"{len(failures)} of {len(cases)} cases broke the contract: {failures}"
