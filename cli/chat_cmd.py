@@ -57,18 +57,6 @@ class _ScaleProgress:
             self._progress = None
 
 
-def _add_metadata(session, event, prompt: str) -> None:
-    """Rewrite a PNG the model drew with the metadata ``generate`` writes (prompt, seed, settings)
-    and the usual file mode (chat writes it bare, mode 0600)."""
-    from PIL import Image
-
-    from vargpt_mlx import api
-
-    im = Image.fromarray(event.image)
-    im.info.update(api.image_metadata(session.pipeline, "chat", prompt, session.image_settings, event.seed))
-    api.save_image(im, event.path)
-
-
 def _run_turn(session, text: str, images: list[Path], verbose: bool, progress: _ScaleProgress) -> None:
     """Stream one reply to stdout; images the model draws are announced on their own line."""
     from vargpt_mlx.chat import ImageEvent
@@ -82,7 +70,6 @@ def _run_turn(session, text: str, images: list[Path], verbose: bool, progress: _
                 if piece.error:
                     err.print(f"[yellow]no image:[/] {piece.error}", highlight=False, soft_wrap=True)
                 else:
-                    _add_metadata(session, piece, text)
                     h, w = piece.image.shape[:2]
                     _emit(("\n" if line_open else "") + f"[image {w}x{h} saved to {piece.path}]")
                     line_open = True

@@ -68,8 +68,6 @@ memory ``cfg_uncond`` has 512 rows); past that the turn ends after the start tok
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,7 +76,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .api import Pipeline, apply_adapters, load
+from .api import Pipeline, apply_adapters, image_metadata, load
 from .image_processor import ImageError, ImageInput
 from .models.rope_index import get_rope_index
 from .models.vargpt import embed_multimodal
@@ -143,9 +141,12 @@ def eos_token_ids(pipeline: Pipeline) -> set[int]:
     return ids
 
 
-def save_png(image: np.ndarray, out_dir: str | Path, seed: int) -> Path:
-    """Write an RGB uint8 image atomically as ``vargpt-<date>-<time>-seed<seed>[-n].png``."""
+def save_png(image: np.ndarray, out_dir: str | Path, seed: int, info: dict[str, str] | None = None) -> Path:
+    """Write an RGB uint8 image as ``vargpt-<date>-<time>-seed<seed>[-n].png`` with ``info`` as PNG
+    text chunks (``api.save_image``: atomic, the umask's file mode)."""
     from PIL import Image
+
+    from .api import save_image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,15 +154,9 @@ def save_png(image: np.ndarray, out_dir: str | Path, seed: int) -> Path:
     path, n = out_dir / f"{stem}.png", 1
     while path.exists():
         path, n = out_dir / f"{stem}-{n}.png", n + 1
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    im = Image.fromarray(np.ascontiguousarray(image))
+    im.info.update(info or {})
+    return save_image(im, path)
 
 
 class ChatSession:
@@ -419,7 +414,9 @@ class ChatSession:
         settings = replace(self.image_settings, seed=seed)
         (result,) = draw_images(self.model, self.cache, self.hidden, settings, on_scale=self.on_image_scale)
         self.images_drawn += 1
-        path = save_png(result.image, self.out_dir, seed)
+        prompt = " ".join(c["text"] for c in self.messages[-1]["content"] if c["type"] == "text")
+        path = save_png(result.image, self.out_dir, seed,
+                        image_metadata(self.pipeline, "chat", prompt, self.image_settings, seed))
         stats.image_s = time.perf_counter() - t0
         stats.images.append(path)
         yield ImageEvent(path, result.image, seed)
