@@ -378,7 +378,7 @@ def nano(
                             "must exist)."),
     ship: bool = _O(False, "--ship", help="Install the result as the package's --model nano."),
     smoke: bool = _O(False, "--smoke", help="A few steps of every stage (checks that the recipe runs)."),
-    stop_after: Optional[str] = _O(None, "--stop-after", help="Stop after this stage: data, vae, sft or dpo."),
+    stop_after: Optional[str] = _O(None, "--stop-after", help="Stop after this stage: data, vae, vision, sft or dpo."),
 ):
     """Train the nano model from scratch (data, VAE, SFT, DPO, eval); rerun to resume."""
     from vargpt_mlx.files import check_output_dir
@@ -387,8 +387,8 @@ def nano(
     from vargpt_mlx.hub import NANO_DIR
     from vargpt_mlx.nano import recipe
 
-    if stop_after is not None and stop_after not in recipe.STAGES[:4]:
-        fail(f"--stop-after must be one of {', '.join(recipe.STAGES[:4])}")
+    if stop_after is not None and stop_after not in recipe.STAGES[:5]:
+        fail(f"--stop-after must be one of {', '.join(recipe.STAGES[:5])}")
 
     def log(msg: str):
         err.print(msg, markup=False, highlight=False, soft_wrap=True)
