@@ -1,4 +1,4 @@
-"""The nano recipe still runs: a few steps of every stage (data, VAE, SFT, DPO, eval) through the
+"""The nano recipe still runs: a few steps of every stage (data, VAE, vision, SFT, DPO, eval) through the
 CLI, then the result loads and runs every job. Learns nothing; proves the code path."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def smoke_run(tmp_path_factory):
 
 def test_every_stage_runs_and_resumes(smoke_run):
     out, log = smoke_run
-    for f in ("data/done.json", "tokenizer/tokenizer.json", "vae.safetensors", "sft_model/config.json",
+    for f in ("data/done.json", "tokenizer/tokenizer.json", "tokenizer/preprocessor_config.json", "vae.safetensors",
+              "vision.safetensors", "sft_model/config.json", "sft_model/preprocessor_config.json",
               "dpo_model/config.json", "dpo_model-q8/config.json", "dpo_model-q4/config.json", "eval.json",
               "times.json"):
         assert (out / f).exists(), f
@@ -35,7 +36,7 @@ def test_every_stage_runs_and_resumes(smoke_run):
     assert r.exit_code == 0, r.output
     import re
 
-    assert not re.search(r"^(vae|vae decoder|sft|dpo) \d+/\d+", r.output, re.M), r.output  # no training step
+    assert not re.search(r"^(vae|vae decoder|vision|sft|dpo) \d+/\d+", r.output, re.M), r.output  # no training step
 
 
 def test_smoke_model_runs_every_job(smoke_run):
