@@ -35,6 +35,7 @@ from mlx_lm.models.cache import KVCache
 
 from .. import schedules
 from ..config import InfinityConfig
+from . import activations
 
 DROPPED: tuple[str, ...] = (
     "*.zero_k_bias",  # always-zero persistent buffers of every SA / CA / attentive pool
@@ -251,7 +252,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(activations.gelu_approx(self.fc1(x)))
 
 
 class CrossAttnBlock(nn.Module):

@@ -1,0 +1,82 @@
+"""SiLU and tanh-GELU for float32 on MLX's CPU backend, without its slow transcendental kernels.
+
+On the CPU backend MLX evaluates ``exp`` / ``sigmoid`` / ``tanh`` element by element at about
+20-30 ns per float32 value (a 2 M-element ``nn.silu`` takes ~60 ms on the 2-core test machine, torch
+~2 ms), which made the activations a quarter of the VAE decode and a large share of the LLM and
+Infinity MLPs. Here ``exp`` is evaluated with plain arithmetic MLX vectorises (Cody-Waite range
+reduction, a degree-7 Taylor polynomial on |r| <= ln2/2, the power of two assembled in the exponent
+bits) and the whole activation is fused by ``mx.compile`` into one pass:
+
+* ``silu(x) = x / (1 + exp(-x))``;
+* ``swiglu(g, u) = silu(g) * u`` (the Qwen2 MLP);
+* ``gelu_approx(x) = 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u))`` with
+  ``u = sqrt(2/pi) (x + 0.044715 x^3)`` (the same function as ``nn.gelu_approx``).
+
+Measured against float64 on 2 M normal values scaled by 4: ``silu`` max relative error 1.4e-7
+(``nn.silu``: 9.2e-7). Where the input is not float32 or the default device is not the CPU, the
+functions are ``nn.silu`` / ``nn.gelu_approx`` themselves (Metal's own kernels are fast, and the
+polynomial is not meant for bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**12
+_LN2_LO = -2.1219444005469057e-4
+_TAYLOR = (1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0)
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def _exp(t: mx.array) -> mx.array:
+    """float32 ``exp(t)``; ``inf`` above 88 (where float32 overflows), 0 below -87 (denormals)."""
+    big, small = t > 88.0, t < -87.0
+    t = mx.clip(t, -87.0, 88.0)
+    n = mx.floor(t * _LOG2E + 0.5)
+    r = (t - n * _LN2_HI) - n * _LN2_LO
+    p = r * (1 / 5040) + _TAYLOR[0]
+    for c in _TAYLOR[1:]:
+        p = p * r + c
+    # 2**n from its exponent bits; a constant for autodiff (the derivative flows through p(r))
+    scale = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
+    return mx.where(big, mx.array(math.inf, mx.float32), mx.where(small, mx.array(0.0, mx.float32), p * scale))
+
+
+@mx.compile
+def _silu_f32(x: mx.array) -> mx.array:
+    return x / (1.0 + _exp(-x))
+
+
+@mx.compile
+def _gelu_approx_f32(x: mx.array) -> mx.array:
+    u = _GELU_K * (x + 0.044715 * (x * x * x))
+    return x / (1.0 + _exp(-2.0 * u))
+
+
+@mx.compile
+def _swiglu_f32(gate: mx.array, up: mx.array) -> mx.array:
+    return gate / (1.0 + _exp(-gate)) * up
+
+
+def _fast(x: mx.array) -> bool:
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+def silu(x: mx.array) -> mx.array:
+    return _silu_f32(x) if _fast(x) else nn.silu(x)
+
+
+def gelu_approx(x: mx.array) -> mx.array:
+    return _gelu_approx_f32(x) if _fast(x) else nn.gelu_approx(x)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up`` (the Qwen2 MLP's product), fused on the fast path."""
+    if _fast(gate) and up.dtype == mx.float32:
+        return _swiglu_f32(gate, up)
+    return nn.silu(gate) * up
+
