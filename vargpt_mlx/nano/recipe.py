@@ -941,8 +941,9 @@ def run_recipe(out: str | Path, *, args: RecipeArgs | None = None, ship_to: str 
     sft = timed("sft", lambda: train_sft(out, data, args.sft, log))
     if dec is not None and dec.wait() != 0:
         raise RuntimeError("the decoder refinement stage failed (rerun to resume it)")
-    if "vae_decoder" not in times:
+    if dec is not None:  # beside SFT, so not added to the training time
         times["vae_decoder (beside sft)"] = time.perf_counter() - t_dec
+        atomic_write_text(times_f, json.dumps(times, indent=1))
     if stop_after == "sft":
         return {}
     dpo = timed("dpo", lambda: train_dpo(out, data, sft, args.dpo, log))
