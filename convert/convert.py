@@ -533,11 +533,10 @@ def model_outputs(model: VARGPT, refs: dict[str, np.ndarray], schedule: list[tup
     """The outputs quantization drift is measured on, for the inputs of a refs bundle:
     ``txt`` logits (text prompt, plain positions), ``und`` logits (image + text, M-RoPE) and the
     CFG bit logits of image generation teacher-forced with the reference bits (all scales)."""
-    from vargpt_mlx.models.rope_index import get_rope_index, plain_position_ids
+    from vargpt_mlx.models.rope_index import plain_position_ids
     from vargpt_mlx.models.vargpt import embed_multimodal
     from vargpt_mlx.pipelines.image_generation import GenerationSettings, draw_images, prefill_prompt
 
-    tok = model.config.tokens
     out = {}
     ids = refs["txt.input_ids"]
     emb = model.model.embed_tokens(mx.array(ids))
@@ -545,9 +544,7 @@ def model_outputs(model: VARGPT, refs: dict[str, np.ndarray], schedule: list[tup
     ids, grid = refs["und.input_ids"], refs["und.image_grid_thw"]
     dt = model.model.norm.weight.dtype
     emb = embed_multimodal(model, mx.array(ids), mx.array(refs["und.pixel_values"]).astype(dt), grid)
-    pos, _ = get_rope_index(ids, grid, None, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
-                            vision_start_token_id=tok.vision_start_token_id,
-                            spatial_merge_size=model.config.vision.spatial_merge_size)
+    pos, _ = model.rope_index(ids, grid)
     out["und"] = model.lm_head(model.model(emb, mx.array(pos)))[0]
     teacher = [mx.array(refs[f"gen.s{k}.bits"]) for k in range(len(schedule))]
     (res,) = draw_images(model, *prefill_prompt(model, refs["gen.prompt_ids"]),

@@ -78,7 +78,6 @@ import numpy as np
 
 from .api import Pipeline, apply_adapters, image_metadata, load
 from .image_processor import ImageError, ImageInput
-from .models.rope_index import get_rope_index
 from .models.vargpt import embed_multimodal
 from .pipelines.image_generation import GenerationSettings, draw_images
 from .text_generation import decode_position_ids, generate_step, make_sampler
@@ -320,13 +319,9 @@ class ChatSession:
 
     def _prefill(self, ids: list[int], pixel_values, grids) -> mx.array:
         """Feed this turn's new tokens; on any failure the session is left as it was."""
-        tok = self.tokens
         saved = (len(self.token_ids), len(self._hidden), self._next_pos, list(self._pending))
         try:
-            pos, _ = get_rope_index(np.asarray(ids)[None], grids, None, image_token_id=tok.image_token_id,
-                                    video_token_id=tok.video_token_id,
-                                    vision_start_token_id=tok.vision_start_token_id,
-                                    spatial_merge_size=self.model.config.vision.spatial_merge_size)
+            pos, _ = self.model.rope_index(np.asarray(ids)[None], grids)
             pos = mx.array(pos + self._next_pos).astype(mx.int32)  # continue after the conversation
             embeds = embed_multimodal(self.model, mx.array([ids]), pixel_values, grids)
             self._pending = []

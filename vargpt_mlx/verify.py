@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 from .image_processor import ImageProcessor
 from .loading import load_model
 from .models import bsq
-from .models.rope_index import get_rope_index, plain_position_ids
+from .models.rope_index import plain_position_ids
 from .models.vargpt import VARGPT, embed_multimodal
 from .pipelines.image_generation import GenerationResult, GenerationSettings, draw_images, prefill_prompt
 from .text_generation import stream_generate
@@ -141,10 +141,7 @@ class Verifier:
         return MAX_TIE_FRAC_BF16 if bf16 else MAX_TIE_FRAC
 
     def rope(self, ids, grid=None):
-        return get_rope_index(ids, grid, None, image_token_id=self.tok.image_token_id,
-                              video_token_id=self.tok.video_token_id,
-                              vision_start_token_id=self.tok.vision_start_token_id,
-                              spatial_merge_size=self.model.config.vision.spatial_merge_size)
+        return self.model.rope_index(ids, grid)
 
     def _dtype(self):
         return self.model.lm_head.weight.dtype if self.model.lm_head.weight.dtype != mx.uint32 else mx.float32

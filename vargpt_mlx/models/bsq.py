@@ -89,22 +89,22 @@ def downsample_area(x: mx.array, size: tuple[int, int]) -> mx.array:
 
 
 # --------------------------------------------------------------------------- BSQ
-def _l2norm(x: mx.array) -> mx.array:
-    """``F.normalize(x, dim=-1)`` (upstream ``l2norm``), eps 1e-12."""
-    norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
-    return x / mx.maximum(norm, 1e-12)
+def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
+    """``F.normalize(x, dim=-1, eps)``: ``x / max(||x||, eps)`` (upstream ``l2norm``; also the
+    Infinity attention's q / k normalisation)."""
+    return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), eps)
 
 
 def bits_to_codes(bits: mx.array) -> mx.array:
     """Upstream ``BSQ.indices_to_codes(bits, 'bit_label')``: ``l2norm(bits * 2s - s)``, s = 1/sqrt(d)."""
     d = bits.shape[-1]
     s = float(np.float32(1.0 / np.sqrt(d)))
-    return _l2norm(bits.astype(mx.float32) * s * 2 - s)
+    return l2_normalize(bits.astype(mx.float32) * s * 2 - s)
 
 
 def quantize_bits(residual: mx.array) -> mx.array:
     """Upstream ``BSQ.forward`` bit labels: ``bit = l2norm(residual) > 0`` (a zero gives bit 0), uint8."""
-    return (_l2norm(residual) > 0).astype(mx.uint8)
+    return (l2_normalize(residual) > 0).astype(mx.uint8)
 
 
 def _check_schedule(features: mx.array, schedule: Schedule) -> None:
@@ -182,7 +182,7 @@ def msbsq_forward(features: mx.array, schedule: Schedule) -> tuple[mx.array, lis
     residual, out = features, mx.zeros_like(features)
     all_bits = []
     for size in schedule:
-        z = _l2norm(downsample_area(residual, size))
+        z = l2_normalize(downsample_area(residual, size))
         zhat = mx.where(z > 0, s, -s)
         quantized = z + mx.stop_gradient(zhat - z)
         all_bits.append((quantized > 0).astype(mx.uint8))

@@ -36,6 +36,7 @@ from mlx_lm.models.cache import KVCache
 from .. import schedules
 from ..config import InfinityConfig
 from . import activations
+from .bsq import l2_normalize
 
 DROPPED: tuple[str, ...] = (
     "*.zero_k_bias",  # always-zero persistent buffers of every SA / CA / attentive pool
@@ -72,11 +73,6 @@ def _bf16_round(x: mx.array) -> mx.array:
 def _ada_layer_norm(x: mx.array, scale: mx.array, shift: mx.array, eps: float) -> mx.array:
     """Upstream ``fused_ada_layer_norm``: ``layer_norm(x, no affine) * (1 + scale) + shift``."""
     return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
-
-
-def _l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
-    """``F.normalize(x, dim=-1, eps)``: ``x / max(||x||, eps)``."""
-    return x / mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), eps)
 
 
 def _apply_rope_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -190,8 +186,8 @@ class SelfAttention(nn.Module):
         bias = mx.concatenate([self.q_bias, mx.zeros_like(self.q_bias), self.v_bias])
         qkv = (self.mat_qkv(x) + bias).reshape(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-        q = _l2_normalize(q) * mx.exp(mx.minimum(self.scale_mul_1H11, MAX_SCALE_MUL))
-        k = _l2_normalize(k)
+        q = l2_normalize(q) * mx.exp(mx.minimum(self.scale_mul_1H11, MAX_SCALE_MUL))
+        k = l2_normalize(k)
         q, k = _apply_rope_interleaved(q, cos, sin), _apply_rope_interleaved(k, cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)

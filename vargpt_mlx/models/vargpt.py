@@ -28,6 +28,7 @@ from . import projectors as projectors_mod
 from . import qwen2 as qwen2_mod
 from . import vae as vae_mod
 from . import vision as vision_mod
+from .rope_index import get_rope_index
 
 # prefix -> module implementing that part's sanitize/DROPPED
 PARTS = {
@@ -61,6 +62,14 @@ class VARGPT(nn.Module):
         """``[sos_embedding[image_gen_start]; cfg_uncond[0]]``: the (cond, uncond) start rows."""
         sid = self.config.tokens.image_gen_start_token_id
         return mx.stack([self.sos_embedding.weight[sid], self.vargpt_gen.cfg_uncond[0]])
+
+    def rope_index(self, input_ids, image_grid_thw=None):
+        """M-RoPE positions (3, B, L) and deltas of ``input_ids`` (numpy) with this model's token ids
+        (``get_rope_index`` of transformers' Qwen2-VL, as upstream's prefill calls it)."""
+        tok = self.config.tokens
+        return get_rope_index(input_ids, image_grid_thw, None, image_token_id=tok.image_token_id,
+                              video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                              spatial_merge_size=self.config.vision.spatial_merge_size)
 
 
 def split_parts(weights: dict[str, mx.array]) -> tuple[dict[str, dict[str, mx.array]], dict[str, mx.array]]:

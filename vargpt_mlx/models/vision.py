@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
+from .qwen2 import rotate_half
 
 DROPPED: tuple[str, ...] = ()  # every upstream ``visual.*`` weight is used
 
@@ -65,12 +66,6 @@ def segment_ids(grid_thw: np.ndarray) -> np.ndarray:
     """Which attention segment (image / frame) each row is in: upstream's ``cu_seqlens``."""
     lengths = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return np.repeat(np.arange(len(lengths)), lengths)
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    """``cat(-x2, x1)`` of the two halves of the last axis (upstream ``rotate_half``)."""
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
 
 
 def apply_rotary_pos_emb_vision(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

@@ -20,7 +20,7 @@ from mlx_lm.models.cache import KVCache
 from .. import sampling, schedules
 from ..models import bsq
 from ..models.infinity import CrossMemory
-from ..models.rope_index import get_rope_index, plain_position_ids
+from ..models.rope_index import plain_position_ids
 from ..models.vargpt import VARGPT, embed_multimodal
 from ..models.vae import to_uint8
 
@@ -100,10 +100,7 @@ def prefill_prompt(model: VARGPT, input_ids: np.ndarray, pixel_values=None, imag
     tok = model.config.tokens
     ids = np.concatenate([np.asarray(input_ids).reshape(1, -1),
                           np.array([[tok.image_gen_start_token_id]])], axis=1)
-    pos, _ = get_rope_index(ids, image_grid_thw, None, image_token_id=tok.image_token_id,
-                            video_token_id=tok.video_token_id,
-                            vision_start_token_id=tok.vision_start_token_id,
-                            spatial_merge_size=model.config.vision.spatial_merge_size)
+    pos, _ = model.rope_index(ids, image_grid_thw)
     ids_mx = mx.array(ids)
     embeds = embed_multimodal(model, ids_mx, pixel_values, image_grid_thw)
     cache = model.model.make_cache()

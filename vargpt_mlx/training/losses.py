@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..models import bsq
-from ..models.rope_index import get_rope_index, plain_position_ids
+from ..models.rope_index import plain_position_ids
 from ..models.vargpt import VARGPT, embed_multimodal, scatter_rows
 
 IGNORE_INDEX = -100
@@ -102,14 +102,10 @@ def und_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array, pixel_val
 
     ``mrope=False`` feeds plain 0..L-1 positions, as upstream training does.
     """
-    tok = model.config.tokens
     embeds = embed_multimodal(model, input_ids, pixel_values, image_grid_thw)
     B, T = input_ids.shape
     if mrope:
-        pos, _ = get_rope_index(np.array(input_ids), image_grid_thw, None, image_token_id=tok.image_token_id,
-                                video_token_id=tok.video_token_id,
-                                vision_start_token_id=tok.vision_start_token_id,
-                                spatial_merge_size=model.config.vision.spatial_merge_size)
+        pos, _ = model.rope_index(np.array(input_ids), image_grid_thw)
     else:
         pos = plain_position_ids(B, T)
     hidden = model.model(embeds, mx.array(pos))
@@ -165,9 +161,7 @@ def training_positions(model: VARGPT, ids_np: np.ndarray, image_grid_thw=None, p
         raise ValueError(f"unknown positions {positions!r} (plain or inference)")
     tok = model.config.tokens
     n = int(np.nonzero(ids_np[0] == tok.image_gen_start_token_id)[0][0]) + 1 if is_gen else T
-    pos, _ = get_rope_index(ids_np[:, :n], image_grid_thw, None, image_token_id=tok.image_token_id,
-                            video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
-                            spatial_merge_size=model.config.vision.spatial_merge_size)
+    pos, _ = model.rope_index(ids_np[:, :n], image_grid_thw)
     return np.concatenate([pos, plain_position_ids(1, T - n, offset=n)], axis=2) if n < T else pos
 
 
