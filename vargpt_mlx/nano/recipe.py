@@ -148,6 +148,50 @@ def _fmt_time(s: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
+# ---------------------------------------------------------------------------- the stage-1 loop
+def _train_stage(name: str, module: nn.Module, loss_fn: Callable, batch_fn: Callable, *, steps: int, lr: float,
+                 warmup: int, state_file: Path, meta: dict, save_every: int, log: Log, log_every: int = 25,
+                 note: Callable[[int], str] = lambda step: "") -> None:
+    """The loop the VAE, decoder and vision stages share: resume (weights + Adam state) from
+    ``state_file``, then per step ``loss_fn(module, *batch_fn(step))`` under warmup + cosine
+    (``_lr``), a finite-loss check, a checkpoint every ``save_every`` steps and a progress line
+    every ``log_every`` (``note(step)`` appended). Batches depend only on the step, so a resumed
+    run draws what an uninterrupted one would."""
+    from mlx.utils import tree_unflatten
+
+    opt = optim.Adam(learning_rate=lr)
+    start = 0
+    if (st := _load_state(state_file)) is not None:
+        arrays, saved = st
+        module.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
+        opt.init(module.trainable_parameters())
+        opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
+        start = saved["step"]
+        log(f"{name}: resuming at step {start}/{steps}")
+    mx.eval(module.parameters())
+    lg = nn.value_and_grad(module, loss_fn)
+    t0, ema = time.perf_counter(), None
+    for step in range(start, steps):
+        batch = batch_fn(step)
+        opt.learning_rate = _lr(step, steps, lr, warmup, floor=0.1)
+        loss, grads = lg(module, *batch)
+        opt.update(module, grads)
+        mx.eval(module.parameters(), opt.state, loss)
+        lv = loss.item()
+        if not math.isfinite(lv):
+            raise RuntimeError(f"{name}: loss is {lv} at step {step + 1}; the last checkpoint is kept")
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        last = step + 1 == steps
+        if (step + 1) % save_every == 0 or last:
+            arrays = {f"w.{k}": v for k, v in tree_flatten(module.parameters())}
+            arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
+            _save_state(state_file, arrays, {"step": step + 1, **meta})
+        if (step + 1) % log_every == 0 or last:
+            el = time.perf_counter() - t0
+            log(f"{name} {step + 1}/{steps} loss {ema:.4f}{note(step)} elapsed {_fmt_time(el)} "
+                f"eta {_fmt_time(el / (step + 1 - start) * (steps - step - 1))}")
+
+
 # ---------------------------------------------------------------------------- stage 1: VAE
 @dataclass
 class VAEArgs:
@@ -199,8 +243,6 @@ def eval_vae(vae: BSQVAE, n: int = 64, seed: int = 999, split: str = "heldout") 
 
 def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
     """Stage 1; resumable from ``out/vae_state.safetensors``. Returns the trained VAE."""
-    from mlx.utils import tree_unflatten
-
     out.mkdir(parents=True, exist_ok=True)
     state_file, done_file = out / "vae_state.safetensors", out / "vae.safetensors"
     vae = BSQVAE(vae_config())
@@ -209,18 +251,7 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
         return vae
     mx.random.seed(args.seed)
     vae = BSQVAE(vae_config())
-    opt = optim.Adam(learning_rate=args.lr)
     plan = [(size, batch) for size, batch, steps in args.phases for _ in range(steps)]
-    total = len(plan)
-    start = 0
-    if (st := _load_state(state_file)) is not None:
-        arrays, meta = st
-        vae.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
-        opt.init(vae.trainable_parameters())
-        opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
-        start = meta["step"]
-        log(f"vae: resuming at step {start}/{total}")
-    mx.eval(vae.parameters())
     full_sched = schedules.get_schedule(PN)
 
     def loss_fn(model, x, sched):
@@ -228,28 +259,14 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
         y = model.decoder(q)
         return mx.mean(mx.abs(y - x)) + mx.mean((y - x) ** 2)
 
-    lg = nn.value_and_grad(vae, loss_fn)
-    t0, ema = time.perf_counter(), None
-    for step in range(start, total):
-        rng = np.random.default_rng([args.seed, step])
+    def batch_fn(step):
         size, batch = plan[step]
-        x = _render_batch(rng, batch, size)
-        opt.learning_rate = _lr(step, total, args.lr, 20, floor=0.1)
-        loss, grads = lg(vae, x, SMALL_SCHEDULES.get(size, full_sched))
-        opt.update(vae, grads)
-        mx.eval(vae.parameters(), opt.state, loss)
-        lv = loss.item()
-        if not math.isfinite(lv):
-            raise RuntimeError(f"vae: loss is {lv} at step {step + 1}; the last checkpoint is kept")
-        ema = lv if ema is None or (step > 0 and plan[step - 1][0] != size) else 0.95 * ema + 0.05 * lv
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
-            arrays = {f"w.{k}": v for k, v in tree_flatten(vae.parameters())}
-            arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
-            _save_state(state_file, arrays, {"step": step + 1, "args": asdict(args)})
-        if (step + 1) % 25 == 0 or step + 1 == total:
-            el = time.perf_counter() - t0
-            eta = el / (step + 1 - start) * (total - step - 1)
-            log(f"vae {step + 1}/{total} loss {ema:.4f} ({size}px) elapsed {_fmt_time(el)} eta {_fmt_time(eta)}")
+        return _render_batch(np.random.default_rng([args.seed, step]), batch, size), \
+            SMALL_SCHEDULES.get(size, full_sched)
+
+    _train_stage("vae", vae, loss_fn, batch_fn, steps=len(plan), lr=args.lr, warmup=20, state_file=state_file,
+                 meta={"args": asdict(args)}, save_every=args.save_every, log=log,
+                 note=lambda step: f" ({plan[step][0]}px)")
     p = eval_vae(vae)
     log(f"vae: held-out reconstruction PSNR {p:.2f} dB")
     save_safetensors_atomic(done_file, dict(tree_flatten(vae.parameters())), {"psnr": f"{p:.3f}"})
@@ -269,46 +286,25 @@ def train_decoder(out: Path, args: DecoderArgs = DecoderArgs(), log: Log = print
     """Stage 1b (resumable): the decoder alone, encoder frozen, on exactly what generation decodes
     (``codes_from_bits`` of the encoder's multi-scale bits). The bits, and so every generation
     target of stage 2, depend only on the encoder: this stage can run beside stage 2."""
-    from mlx.utils import tree_unflatten
-
     done, state_file = out / "vae_decoder.safetensors", out / "vae_decoder_state.safetensors"
     if done.is_file():
         return done
     vae = BSQVAE(vae_config())
     vae.load_weights(str(out / "vae.safetensors"))
     vae.encoder.freeze()
-    opt = optim.Adam(learning_rate=args.lr)
-    start = 0
-    if (st := _load_state(state_file)) is not None:
-        arrays, meta = st
-        vae.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
-        opt.init(vae.trainable_parameters())
-        opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
-        start = meta["step"]
     sched = schedules.get_schedule(PN)
 
     def loss_fn(model, codes, x):
         y = model.decoder(codes)
         return mx.mean(mx.abs(y - x)) + mx.mean((y - x) ** 2)
 
-    lg = nn.value_and_grad(vae, loss_fn)
-    t0, ema = time.perf_counter(), None
-    for step in range(start, args.steps):
+    def batch_fn(step):
         x = _render_batch(np.random.default_rng([args.seed, step]), args.batch, IMAGE_SIZE)
         bits, _, _ = bsq.encode_multiscale(vae.encode_features(x), sched)
-        codes = mx.stop_gradient(bsq.codes_from_bits(bits, sched))
-        opt.learning_rate = _lr(step, args.steps, args.lr, 10, floor=0.1)
-        loss, grads = lg(vae, codes, x)
-        opt.update(vae, grads)
-        mx.eval(vae.parameters(), opt.state, loss)
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            arrays = {f"w.{k}": v for k, v in tree_flatten(vae.parameters())}
-            arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
-            _save_state(state_file, arrays, {"step": step + 1, "args": asdict(args)})
-            el = time.perf_counter() - t0
-            log(f"vae decoder {step + 1}/{args.steps} loss {ema:.4f} elapsed {_fmt_time(el)} "
-                f"eta {_fmt_time(el / (step + 1 - start) * (args.steps - step - 1))}")
+        return mx.stop_gradient(bsq.codes_from_bits(bits, sched)), x
+
+    _train_stage("vae decoder", vae, loss_fn, batch_fn, steps=args.steps, lr=args.lr, warmup=10,
+                 state_file=state_file, meta={"args": asdict(args)}, save_every=args.save_every, log=log)
     p = eval_vae(vae)
     log(f"vae decoder: held-out reconstruction PSNR {p:.2f} dB")
     save_safetensors_atomic(done, dict(tree_flatten(vae.parameters())), {"psnr": f"{p:.3f}"})
@@ -367,8 +363,6 @@ def train_vision(out: Path, config_dict: dict, args: VisionArgs = VisionArgs(), 
     from 8 colours, the sign of every linear patch feature flips with the colours, so gradients
     average out at initialisation (measured: a shape probe stays at chance for ~1000 steps on
     random colours, learns in 200 on white-on-black). Direct labels get it past that plateau."""
-    from mlx.utils import tree_unflatten
-
     from ..image_processor import ImageProcessor
 
     done, state_file = out / "vision.safetensors", out / "vision_state.safetensors"
@@ -377,16 +371,6 @@ def train_vision(out: Path, config_dict: dict, args: VisionArgs = VisionArgs(), 
     model = init_model(config_dict, None, seed=args.seed)
     proc = ImageProcessor.from_dir(out / "tokenizer")
     probe = _VisionProbe(model.visual, config_dict["hidden_size"])
-    mx.eval(probe.parameters())
-    opt = optim.Adam(learning_rate=args.lr)
-    start = 0
-    if (st := _load_state(state_file)) is not None:
-        arrays, meta = st
-        probe.load_weights([(k[2:], v) for k, v in arrays.items() if k.startswith("w.")])
-        opt.init(probe.trainable_parameters())
-        opt.state = tree_unflatten([(k[2:], v) for k, v in arrays.items() if k.startswith("o.")])
-        start = meta["step"]
-        log(f"vision: resuming at step {start}/{args.steps}")
 
     def batch(rng, n):
         scenes = [world.sample_scene(rng, "train", n_objects=1) for _ in range(n)]
@@ -407,24 +391,14 @@ def train_vision(out: Path, config_dict: dict, args: VisionArgs = VisionArgs(), 
         s, c, _ = m(pvs, grid)
         return (float(mx.mean(mx.argmax(s, -1) == y[0]).item()), float(mx.mean(mx.argmax(c, -1) == y[1]).item()))
 
+    def note(step):
+        a = accuracy(probe, *val)
+        return f" shape {a[0]:.2f} colour {a[1]:.2f}"
+
     val = batch(np.random.default_rng([args.seed, 10**6]), 64)
-    lg = nn.value_and_grad(probe, loss_fn)
-    t0, ema = time.perf_counter(), None
-    for step in range(start, args.steps):
-        pvs, grid, y = batch(np.random.default_rng([args.seed, step]), args.batch)
-        opt.learning_rate = _lr(step, args.steps, args.lr, 100, floor=0.1)
-        loss, grads = lg(probe, pvs, grid, y)
-        opt.update(probe, grads)
-        mx.eval(probe.parameters(), opt.state, loss)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            arrays = {f"w.{k}": v for k, v in tree_flatten(probe.parameters())}
-            arrays.update({f"o.{k}": v for k, v in tree_flatten(opt.state)})
-            _save_state(state_file, arrays, {"step": step + 1, "args": asdict(args)})
-            el = time.perf_counter() - t0
-            acc = accuracy(probe, *val)
-            log(f"vision {step + 1}/{args.steps} loss {ema:.4f} shape {acc[0]:.2f} colour {acc[1]:.2f} "
-                f"elapsed {_fmt_time(el)} eta {_fmt_time(el / (step + 1 - start) * (args.steps - step - 1))}")
+    _train_stage("vision", probe, loss_fn, lambda step: batch(np.random.default_rng([args.seed, step]), args.batch),
+                 steps=args.steps, lr=args.lr, warmup=100, state_file=state_file, meta={"args": asdict(args)},
+                 save_every=args.save_every, log=log, log_every=args.save_every, note=note)
     acc = accuracy(probe, *val)
     log(f"vision: shape right on {100 * acc[0]:.0f} %, colour on {100 * acc[1]:.0f} % of 64 fresh renders")
     save_safetensors_atomic(done, dict(tree_flatten(model.visual.parameters())),
@@ -635,7 +609,7 @@ def train_sft(out: Path, data: dict, args: SFTArgs = SFTArgs(), log: Log = print
     """Stage 2 (resumable from ``out/sft``): full-parameter training of everything but the VAE."""
     from ..training import trainer
     from ..training.data import TargetCache
-    from ..training.lora import LoraConfig, load_adapters
+    from ..training.lora import LoraConfig
 
     sft_dir, final = out / "sft", out / "sft_model"
     cfg = model_config(data["special_ids"], data["vocab_size"])
