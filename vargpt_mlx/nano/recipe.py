@@ -564,8 +564,8 @@ def encode_targets_batched(model, samples: list, cache, batch: int = 32, log: Lo
     for s in samples:
         if s.gen_image is None:
             continue
-        key = (str(Path(s.gen_image).resolve()), tuple(map(tuple, s.schedule)))
-        if key not in cache._cache and key not in seen:
+        key = cache.key(s.gen_image, s.schedule)
+        if key not in cache and key not in seen:
             seen.add(key)
             todo.append((key, s.gen_image, s.schedule))
     t0 = time.perf_counter()
@@ -578,7 +578,7 @@ def encode_targets_batched(model, samples: list, cache, batch: int = 32, log: Lo
         gt = mx.concatenate([bb.reshape(bb.shape[0], -1, bb.shape[-1]) for bb in bits], axis=1)
         mx.eval(gt, x_wo, feats)
         for j, (key, _, s) in enumerate(chunk):
-            cache._cache[key] = GenTarget(gt[j:j + 1], x_wo[j:j + 1], feats[j:j + 1], list(s))
+            cache.put(key, GenTarget(gt[j:j + 1], x_wo[j:j + 1], feats[j:j + 1], list(s)))
         if (b // batch) % 20 == 0:
             log(f"sft: encoded {min(b + batch, len(todo))}/{len(todo)} target images "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -601,8 +601,8 @@ def _items(pipe, files: list[Path], cache, log: Log):
     enc = run._encoder(pipe, PN, None)
     samples = [enc.encode_sft(r) for f in files for r in load_sft_records(f, pipe.processor)]
     encode_targets_batched(pipe.model, samples, cache, log=log)
-    return [Batchable(s, cache._cache[(str(Path(s.gen_image).resolve()), tuple(map(tuple, s.schedule)))]
-                      if s.gen_image is not None else None) for s in samples]
+    return [Batchable(s, cache.get(pipe.model, s.gen_image, s.schedule) if s.gen_image is not None else None)
+            for s in samples]
 
 
 def train_sft(out: Path, data: dict, args: SFTArgs = SFTArgs(), log: Log = print):
@@ -687,8 +687,8 @@ def train_dpo(out: Path, data: dict, sft_model: Path, args: DPOArgs = DPOArgs(),
     flat = [s for r in recs for s in enc.encode_pair(r)]
     cache = TargetCache()
     encode_targets_batched(model, flat, cache, log=log)
-    items = [Batchable(s, cache._cache[(str(Path(s.gen_image).resolve()), tuple(map(tuple, s.schedule)))]
-                       if s.gen_image is not None else None) for s in flat]
+    items = [Batchable(s, cache.get(model, s.gen_image, s.schedule) if s.gen_image is not None else None)
+             for s in flat]
     pairs = [(items[2 * i], items[2 * i + 1]) for i in range(len(recs))]
     model.freeze()
     lcfg = apply_lora(model, LoraConfig(rank=args.rank, targets=("llm", "infinity"), num_layers=-1), seed=args.seed)

@@ -537,8 +537,19 @@ class TargetCache:
     def __len__(self):
         return len(self._cache)
 
+    @staticmethod
+    def key(path: Path, schedule) -> tuple[str, tuple]:
+        return str(Path(path).resolve()), tuple(map(tuple, schedule))
+
+    def __contains__(self, key: tuple[str, tuple]) -> bool:
+        return key in self._cache
+
+    def put(self, key: tuple[str, tuple], target: GenTarget) -> None:
+        """Store a target encoded elsewhere (e.g. in a batch, ``nano.recipe.encode_targets_batched``)."""
+        self._cache[key] = target
+
     def get(self, model, path: Path, schedule) -> GenTarget:
-        key = (str(Path(path).resolve()), tuple(map(tuple, schedule)))
+        key = self.key(path, schedule)
         if key not in self._cache:
             self._cache[key] = encode_target(model, path, schedule)
         return self._cache[key]
