@@ -236,3 +236,58 @@ def test_interpolation_and_straight_through_are_differentiable():
 
     g = mx.grad(loss)(x)
     assert g.shape == x.shape and bool(mx.all(mx.isfinite(g)))
+
+
+# ---------------------------------------------------------------- written-out gradients (CPU fast paths)
+def _grads(f, args):
+    return mx.grad(f, argnums=tuple(range(len(args))))(*args)
+
+
+def _close(got, ref, terms):
+    """float32 gradients of the same sums in another order: each element is a sum of ``terms``
+    products, so the two differ by at most ~terms * 2**-24 * sum|products|; bounded here by
+    ``terms * 2**-22 * max|ref|`` per tensor (4x headroom for the magnitude of the addends)."""
+    for g, r in zip(got, ref):
+        bound = terms * 2.0**-22 * max(1.0, float(mx.abs(r).max()))
+        assert float(mx.abs(g - r).max()) <= bound
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3, 4), (1, 4, 10, 5, 2)])
+def test_conv_fast_path_gradients_equal_autodiff_of_the_plain_conv(shape):
+    """The CPU convolutions' custom VJPs (3x3 pad 1, nearest-upsample + 3x3, pad + stride-2 3x3)
+    give the gradients autodiff gives for MLX's own ``conv2d`` formulation of the same layer."""
+    from vargpt_mlx.models import vae as V
+
+    B, H, W, C, O = shape
+    mx.random.seed(sum(shape))
+    x, w, b = mx.random.normal((B, H, W, C)), mx.random.normal((O, 3, 3, C)), mx.random.normal((O,))
+    up = lambda x: mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+    pad = lambda x: mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+    cases = [(V._conv3x3_rows, lambda x, w, b: mx.conv2d(x, w, padding=1) + b, (B, H, W, O)),
+             (V._upsample_conv3x3, lambda x, w, b: mx.conv2d(up(x), w, padding=1) + b, (B, 2 * H, 2 * W, O)),
+             (V._downsample_conv, lambda x, w, b: mx.conv2d(pad(x), w, stride=2) + b, (B, H // 2, W // 2, O))]
+    for fast, plain, out_shape in cases:
+        g = mx.random.normal(out_shape)
+        got = _grads(lambda *a: (fast(*a) * g).sum(), (x, w, b))
+        ref = _grads(lambda *a: (plain(*a) * g).sum(), (x, w, b))
+        _close(got, ref, terms=B * H * W * 4)  # weight gradients sum over every (upsampled) pixel
+
+
+@pytest.mark.parametrize("channels", [48, 64])
+def test_group_norm_silu_gradient_equals_autodiff(channels):
+    from vargpt_mlx.models import vae as V
+
+    mx.random.seed(channels)
+    norm = V.Normalize(channels)
+    norm.norm.weight, norm.norm.bias = mx.random.normal((channels,)), mx.random.normal((channels,))
+    x = mx.random.normal((2, 6, 5, channels)) * 3 + 1
+    g = mx.random.normal(x.shape)
+    G = norm.norm.num_groups
+
+    def plain(x, w, b):  # the unfused path of Normalize, differentiated by MLX
+        xc, inv = V._group_stats(x, G, 1e-6)
+        return (mx.sigmoid(y := (xc * inv).reshape(x.shape) * w + b) * y * g).sum()
+
+    got = _grads(lambda x, w, b: (V._group_norm_silu(G, 1e-6)(x, w, b) * g).sum(), (x, norm.norm.weight, norm.norm.bias))
+    ref = _grads(plain, (x, norm.norm.weight, norm.norm.bias))
+    _close(got, ref, terms=2 * 6 * 5 * channels // G)

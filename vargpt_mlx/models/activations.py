@@ -47,19 +47,76 @@ def _exp(t: mx.array) -> mx.array:
 
 
 @mx.compile
+def _sigmoid_f32(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + _exp(-x))
+
+
+# Each fast activation carries its derivative written out: autodiff through ``_exp``'s polynomial,
+# clips and selects costs ~3.5x ``nn.silu``'s backward (measured on a 3 M-element VAE activation:
+# 244 ms vs 70 ms), the written-out one is one more fused pass.
+@mx.custom_function
 def _silu_f32(x: mx.array) -> mx.array:
+    return _silu_fwd(x)
+
+
+@mx.compile
+def _silu_fwd(x: mx.array) -> mx.array:
     return x / (1.0 + _exp(-x))
 
 
 @mx.compile
+def _silu_bwd(x: mx.array, g: mx.array) -> mx.array:
+    s = _sigmoid_f32(x)
+    return g * (s * (1.0 + x * (1.0 - s)))
+
+
+@_silu_f32.vjp
+def _silu_vjp(primals, cotangent, output):
+    return _silu_bwd(primals, cotangent)  # one input: primals is the array itself
+
+
+@mx.custom_function
 def _gelu_approx_f32(x: mx.array) -> mx.array:
+    return _gelu_fwd(x)
+
+
+@mx.compile
+def _gelu_fwd(x: mx.array) -> mx.array:
     u = _GELU_K * (x + 0.044715 * (x * x * x))
     return x / (1.0 + _exp(-2.0 * u))
 
 
 @mx.compile
+def _gelu_bwd(x: mx.array, g: mx.array) -> mx.array:
+    s = _sigmoid_f32(2.0 * _GELU_K * (x + 0.044715 * (x * x * x)))  # y = x * s(2u)
+    du = _GELU_K * (1.0 + 3 * 0.044715 * (x * x))
+    return g * (s + x * s * (1.0 - s) * 2.0 * du)
+
+
+@_gelu_approx_f32.vjp
+def _gelu_vjp(primals, cotangent, output):
+    return _gelu_bwd(primals, cotangent)
+
+
+@mx.custom_function
 def _swiglu_f32(gate: mx.array, up: mx.array) -> mx.array:
+    return _swiglu_fwd(gate, up)
+
+
+@mx.compile
+def _swiglu_fwd(gate: mx.array, up: mx.array) -> mx.array:
     return gate / (1.0 + _exp(-gate)) * up
+
+
+@mx.compile
+def _swiglu_bwd(gate: mx.array, up: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
+    s = _sigmoid_f32(gate)
+    return g * up * (s * (1.0 + gate * (1.0 - s))), g * gate * s
+
+
+@_swiglu_f32.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    return _swiglu_bwd(primals[0], primals[1], cotangent)
 
 
 def _fast(x: mx.array) -> bool:
@@ -68,6 +125,14 @@ def _fast(x: mx.array) -> bool:
 
 def silu(x: mx.array) -> mx.array:
     return _silu_f32(x) if _fast(x) else nn.silu(x)
+
+
+def silu_grad(x: mx.array, g: mx.array) -> mx.array:
+    """``g * silu'(x)``: the cotangent of ``silu`` at ``x``."""
+    if _fast(x):
+        return _silu_bwd(x, g)
+    s = mx.sigmoid(x)
+    return g * (s * (1.0 + x * (1.0 - s)))
 
 
 def gelu_approx(x: mx.array) -> mx.array:
