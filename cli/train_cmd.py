@@ -11,6 +11,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from vargpt_mlx.training.callbacks import StepInfo, TrainingCallback
+
 from .app import UserError, app, check_aspect_option, err, fail, guarded, model_option, need_model, out
 
 train_app = typer.Typer(no_args_is_help=True,
@@ -22,6 +24,29 @@ app.add_typer(train_app, name="train")
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _ProgressCallback(TrainingCallback):
+    """The training bar (loss, metrics, speed, memory, ETA), ``train_log.jsonl``, and a line per
+    save and per evaluation."""
+
+    def __init__(self, progress: Progress, bar, log_file: Path, adapter_path: Path):
+        self.progress, self.bar, self.log_file, self.adapter_path = progress, bar, log_file, adapter_path
+
+    def on_step(self, s: StepInfo) -> None:
+        extra = " ".join(f"{k} {v:.3f}" for k, v in s.metrics.items())
+        self.progress.update(self.bar, completed=s.step, info=(
+            f"loss {s.loss:.4f} {extra} | {s.tokens_per_sec:,.0f} tok/s | peak {s.peak_memory_gb:.2f} GB | "
+            f"ETA {_fmt_time(s.eta)}"))
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps({"step": s.step, "loss": s.loss, **s.metrics, "tokens_per_sec": s.tokens_per_sec,
+                                "peak_memory_gb": s.peak_memory_gb, "time": time.time()}) + "\n")
+
+    def on_save(self, step: int) -> None:
+        self.progress.console.print(f"step {step}: saved adapters to {self.adapter_path}")
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _model_arg(model: Optional[str]) -> str:
@@ -148,27 +173,12 @@ def _run(kind: str, *, model: Optional[str], tokenizer: Optional[Path], data: Pa
     train_progress = Progress(SpinnerColumn(), TextColumn(f"[bold]{kind}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("{task.fields[info]}"), console=err)
 
-    def on_event(event, payload):
-        if event == "step":
-            s = payload
-            extra = " ".join(f"{k} {v:.3f}" for k, v in s.metrics.items())
-            train_progress.update(bar, completed=s.step, info=(
-                f"loss {s.loss:.4f} {extra} | {s.tokens_per_sec:,.0f} tok/s | peak {s.peak_memory_gb:.2f} GB | "
-                f"ETA {_fmt_time(s.eta)}"))
-            with open(log_file, "a") as f:
-                f.write(json.dumps({"step": s.step, "loss": s.loss, **s.metrics, "tokens_per_sec": s.tokens_per_sec,
-                                    "peak_memory_gb": s.peak_memory_gb, "time": time.time()}) + "\n")
-        elif event == "save":
-            train_progress.console.print(f"step {payload}: saved adapters to {adapter_path}")
-        elif event == "eval":
-            step, vals = payload
-            train_progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
-
     def do_train():
         from vargpt_mlx.training.trainer import TrainingDiverged
 
         try:
-            return trainer.train(pipe.model, task, args, adapter_path, cfg, resume=resume, meta=meta, report=on_event)
+            return trainer.train(pipe.model, task, args, adapter_path, cfg, resume=resume, meta=meta,
+                                 callback=_ProgressCallback(train_progress, bar, log_file, adapter_path))
         except TrainingDiverged as e:
             train_progress.stop()
             fail(str(e), 1)

@@ -444,6 +444,55 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert a != [trainer.batch_indices(4, 5, s, m, 2, 2) for s in range(6) for m in range(2)]
 
 
+def test_callback_hears_every_update_save_and_evaluation(tmp_path):
+    """The loop's typed events, in order: on_step after each update, on_save after the files of a
+    checkpoint exist, on_eval with the task's metrics (a toy full fine-tune: no model needed)."""
+    from vargpt_mlx.training.callbacks import StepInfo, TrainingCallback
+
+    class Toy:
+        n_train, n_val = 4, 1
+
+        def begin_step(self, step):
+            pass
+
+        def batch_loss(self, model, idxs):
+            loss = mx.mean(model(mx.array([[float(i)] for i in idxs])) ** 2)
+            return loss, {"twice": 2 * loss}
+
+        def num_tokens(self, idxs):
+            return len(idxs)
+
+        def evaluate(self, model, limit):
+            return {"val_loss": 0.5}
+
+    events = []
+    out = tmp_path / "a"
+
+    class Recorder(TrainingCallback):
+        def on_step(self, info):
+            assert isinstance(info, StepInfo) and info.iters == 5
+            assert info.metrics["twice"] == pytest.approx(2 * info.loss, rel=1e-5)
+            events.append(("step", info.step))
+
+        def on_save(self, step):
+            assert trainer.read_checkpoint(out)[0]["step"] == step
+            events.append(("save", step))
+
+        def on_eval(self, step, metrics):
+            events.append(("eval", step, metrics))
+
+    mx.random.seed(0)
+    res = trainer.train(nn.Linear(1, 1), Toy(), trainer.TrainArgs(iters=5, save_every=2, steps_per_eval=4,
+                                                                   learning_rate=1e-2),
+                        out, lora.LoraConfig(fine_tune_type="full"), callback=Recorder())
+    assert events == [("step", 1), ("step", 2), ("save", 2), ("step", 3), ("step", 4), ("save", 4),
+                      ("eval", 4, {"val_loss": 0.5}), ("step", 5), ("save", 5), ("eval", 5, {"val_loss": 0.5})]
+    assert res.val == [(4, {"val_loss": 0.5}), (5, {"val_loss": 0.5})]
+    # no callback: the loop runs the same without one
+    trainer.train(nn.Linear(1, 1), Toy(), trainer.TrainArgs(iters=1), tmp_path / "b",
+                  lora.LoraConfig(fine_tune_type="full"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(model_dir, targets, tmp_path):
     pipe = fresh(model_dir)
     items = sft_items(pipe, EXAMPLES / "sft_und.json", targets)

@@ -1,5 +1,5 @@
 """The LoRA training loop (SFT and DPO): batches, gradient accumulation, evaluation,
-atomic resumable checkpoints, divergence guard, progress events.
+atomic resumable checkpoints, divergence guard, progress callbacks (``TrainingCallback``).
 
 Checkpoint layout in the adapter directory:
 
@@ -32,6 +32,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from .callbacks import StepInfo, TrainingCallback
 from .lora import LoraConfig, save_adapters, save_safetensors_atomic, trained_weights
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -311,27 +312,11 @@ def _all_finite(tree) -> bool:
 
 # -------------------------------------------------------------------------- the loop
 @dataclass
-class StepInfo:
-    step: int  # updates done (1-based after the update)
-    iters: int
-    loss: float
-    metrics: dict[str, float]
-    tokens_per_sec: float
-    peak_memory_gb: float
-    elapsed: float
-    eta: float
-    learning_rate: float
-
-
-@dataclass
 class TrainResult:
     steps: int
     last_loss: float
     losses: list[float]
     val: list[tuple[int, dict[str, float]]]
-
-
-Reporter = Callable[[str, object], None]  # (event, payload): "step" StepInfo, "eval" (step, dict), "save" step
 
 
 def _resume(model, optimizer, args: TrainArgs, adapter_dir: Path, lora_cfg: LoraConfig) -> int:
@@ -381,15 +366,17 @@ def _check_finite(loss_val: float, grads, step: int, last_saved: int, adapter_di
 
 
 def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg: LoraConfig, *,
-          resume: bool = False, meta: dict | None = None, report: Reporter | None = None) -> TrainResult:
+          resume: bool = False, meta: dict | None = None,
+          callback: TrainingCallback | None = None) -> TrainResult:
     """Train the LoRA parameters of ``model`` (already wrapped by ``apply_lora``) on ``task``, or
     with ``lora_cfg.full`` every trainable (unfrozen) parameter.
 
-    Saves a checkpoint every ``args.save_every`` updates and at the end. Raises
-    :class:`TrainingDiverged` on a non-finite loss or gradient (nothing is saved for that step).
+    Saves a checkpoint every ``args.save_every`` updates and at the end; ``callback`` hears of every
+    update, save and evaluation. Raises :class:`TrainingDiverged` on a non-finite loss or gradient
+    (nothing is saved for that step).
     """
     adapter_dir = Path(adapter_dir)
-    report = report or (lambda event, payload: None)
+    callback = callback or TrainingCallback()
     meta = dict(meta or {})
     meta.update({"args": asdict(args), "lora": lora_cfg.to_json()})
     if args.iters < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 1:
@@ -427,7 +414,7 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
         dt = time.perf_counter() - t0
         elapsed = time.perf_counter() - t_start
         done = step + 1 - start
-        report("step", StepInfo(
+        callback.on_step(StepInfo(
             step=step + 1, iters=args.iters, loss=loss_val,
             metrics={k: v.item() / args.grad_accum for k, v in metric_sums.items()},
             tokens_per_sec=ntok / dt if dt > 0 else 0.0, peak_memory_gb=mx.get_peak_memory() / 1e9,
@@ -438,11 +425,11 @@ def train(model, task: Task, args: TrainArgs, adapter_dir: str | Path, lora_cfg:
             save_checkpoint(adapter_dir, model, optimizer, step + 1, meta, lora_cfg)
             save_adapters(model, adapter_dir, lora_cfg, {"training": {**meta.get("info", {}), "step": step + 1}})
             last_saved = step + 1
-            report("save", step + 1)
+            callback.on_save(step + 1)
         if task.n_val and args.steps_per_eval > 0 and ((step + 1) % args.steps_per_eval == 0 or step + 1 == args.iters):
             model.eval()
             v = task.evaluate(model, args.val_batches * args.batch_size if args.val_batches > 0 else -1)
             vals.append((step + 1, v))
-            report("eval", (step + 1, v))
+            callback.on_eval(step + 1, v)
     model.eval()
     return TrainResult(steps=args.iters, last_loss=loss_val, losses=losses, val=vals)
