@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .app import _user_error_types, app, err, fail, guarded, is_env_os_error, model_option, need_model
+from .options import Loading
 
 HELP_LINES = (
     "/image PATH  attach an image to your next message (repeat for several)",
@@ -164,9 +165,8 @@ def chat(
                                                             "(default: wall clock)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the chat template's, "
                                                                 "'You are a helpful assistant.')."),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
-                                             help="Directory with the tokenizer files, if the model has none."),
+    adapter_path: Optional[Path] = Loading.adapter_path,
+    tokenizer: Optional[Path] = Loading.tokenizer,
     out_dir: Path = typer.Option(Path("."), "--out-dir", help="Existing directory where images the model draws are "
                                                             "written (PNGs with prompt, seed and settings)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print token counts and speeds per reply."),

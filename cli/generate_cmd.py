@@ -10,10 +10,7 @@ from typing import Optional
 import typer
 
 from .app import UserError, app, check_aspect_option, err, fail, guarded, model_option, need_model, out
-
-
-def _model_opt():
-    return model_option()
+from .options import Drawing, Loading
 
 
 class _Progress:
@@ -139,27 +136,20 @@ def _run(mode: str, prompt: str, image: Optional[Path], model: Optional[str], ou
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
-    model: Optional[str] = _model_opt(),
-    output: Path = typer.Option(Path("image.png"), "--output", "-o",
-                                help="PNG to write; with --n > 1: OUT_0.png, OUT_1.png, ... The directory "
-                                     "must exist."),
-    n: int = typer.Option(1, "--n", "-n", help="Number of images (one prompt prefill, drawn as a batch)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; image i uses seed+i (default: random, printed)."),
-    cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale (upstream: 3)."),
-    tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
-    top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
-    top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
-    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
-                                                        "(default: the checkpoint's, 0.25M = 512x512)."),
-    aspect: str = typer.Option("1:1", "--aspect", help="Width:height (W:H), e.g. 1:1, 4:3, 16:9, 9:16; snapped to the "
-                                                       "nearest of 15 ratios from 3:1 to 1:3."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
-                                             help="Directory with the tokenizer files, if the model has none."),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size",
-                                             help="Images drawn together (default: all --n; less uses less memory)."),
-    assistant_prefix: Optional[str] = typer.Option(
-        None, "--assistant-prefix", help="Text the answer starts with before <|image_gen_start|> (default: none)."),
+    model: Optional[str] = model_option(),
+    output: Path = Drawing.output("image.png"),
+    n: int = Drawing.n,
+    seed: Optional[int] = Drawing.seed,
+    cfg: float = Drawing.cfg,
+    tau: float = Drawing.tau,
+    top_k: int = Drawing.top_k,
+    top_p: float = Drawing.top_p,
+    pn: Optional[str] = Drawing.pn,
+    aspect: str = Drawing.aspect,
+    tokenizer: Optional[Path] = Loading.tokenizer,
+    adapter_path: Optional[Path] = Loading.adapter_path,
+    batch_size: Optional[int] = Drawing.batch_size,
+    assistant_prefix: Optional[str] = Drawing.assistant_prefix("none"),
 ):
     """Draw images from a text prompt (text-to-image). The PNGs carry the prompt, seed and settings."""
     _run("generate", prompt, None, model, output, n, seed, cfg, tau, top_k, top_p, pn, aspect, tokenizer,
@@ -171,28 +161,20 @@ def edit(
     prompt: str = typer.Argument(..., help="Edit instruction; '<image>' marks where the input image goes "
                                            "(default: after the text)."),
     image: Path = typer.Option(..., "--image", "-i", help="Input image (any PIL format; EXIF rotation applied)."),
-    model: Optional[str] = _model_opt(),
-    output: Path = typer.Option(Path("edited.png"), "--output", "-o",
-                                help="PNG to write; with --n > 1: OUT_0.png, OUT_1.png, ... The directory "
-                                     "must exist."),
-    n: int = typer.Option(1, "--n", "-n", help="Number of images (one prompt prefill, drawn as a batch)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; image i uses seed+i (default: random, printed)."),
-    cfg: float = typer.Option(3.0, "--cfg", help="Classifier-free guidance scale (upstream: 3)."),
-    tau: float = typer.Option(0.5, "--tau", help="Temperature of the bit logits (upstream: 0.5)."),
-    top_k: int = typer.Option(900, "--top-k", help="Top-k per bit (upstream: 900, a no-op on two choices)."),
-    top_p: float = typer.Option(0.97, "--top-p", help="Top-p per bit (upstream: 0.97)."),
-    pn: Optional[str] = typer.Option(None, "--pn", help="Resolution: 0.016M (nano), 0.06M, 0.25M, 0.60M or 1M "
-                                                        "(default: the checkpoint's, 0.25M = 512x512)."),
-    aspect: str = typer.Option("1:1", "--aspect", help="Width:height (W:H) of the output, e.g. 1:1, 4:3, 16:9."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
-                                             help="Directory with the tokenizer files, if the model has none."),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size",
-                                             help="Images drawn together (default: all --n; less uses less memory)."),
-    assistant_prefix: Optional[str] = typer.Option(
-        None, "--assistant-prefix",
-        help="Text the answer starts with before <|image_gen_start|> (default: 'The output image is: ', "
-             "as in upstream's edit data)."),
+    model: Optional[str] = model_option(),
+    output: Path = Drawing.output("edited.png"),
+    n: int = Drawing.n,
+    seed: Optional[int] = Drawing.seed,
+    cfg: float = Drawing.cfg,
+    tau: float = Drawing.tau,
+    top_k: int = Drawing.top_k,
+    top_p: float = Drawing.top_p,
+    pn: Optional[str] = Drawing.pn,
+    aspect: str = Drawing.aspect,
+    tokenizer: Optional[Path] = Loading.tokenizer,
+    adapter_path: Optional[Path] = Loading.adapter_path,
+    batch_size: Optional[int] = Drawing.batch_size,
+    assistant_prefix: Optional[str] = Drawing.assistant_prefix("'The output image is: ', as in upstream's edit data"),
 ):
     """Edit an image as the prompt instructs (VARGPT-v1.1-edit). The PNGs carry the prompt, seed and settings."""
     _run("edit", prompt, image, model, output, n, seed, cfg, tau, top_k, top_p, pn, aspect, tokenizer,

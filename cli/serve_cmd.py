@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .app import app, err, fail, guarded, model_option, need_model
+from .options import Loading
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -33,9 +34,8 @@ def _check_bind(host: str, port: int) -> None:
 @app.command()
 def serve(
     model: Optional[str] = model_option(),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
-                                             help="Directory with the tokenizer files, if the model has none."),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters to apply."),
+    tokenizer: Optional[Path] = Loading.tokenizer,
+    adapter_path: Optional[Path] = Loading.adapter_path,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: loopback only)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VARGPT_API_KEY",

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from vargpt_mlx.training.callbacks import StepInfo, TrainingCallback
 
 from .app import UserError, app, check_aspect_option, err, fail, guarded, model_option, need_model, out
+from .options import Loading, Training
 
 train_app = typer.Typer(no_args_is_help=True,
                         help="Fine-tune (LoRA or full, SFT or DPO); train the nano model from scratch.")
@@ -258,48 +259,44 @@ def _common(kind: str, **kw):
     _run(kind, explicit=explicit, options=options, **kw)
 
 
-# typer options shared by both commands
 _O = typer.Option
+T = Training
 
 
 @train_app.command("sft")
 def sft(
     data: Path = _O(..., "--data", help="Training data: sharegpt JSON (messages + images)."),
-    adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
-    fine_tune_type: str = _O("lora", "--fine-tune-type",
-                             help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
-                                  "holds all trained weights)."),
+    adapter_path: Path = T.adapter_path,
+    fine_tune_type: str = T.fine_tune_type,
     model: Optional[str] = model_option(),
-    tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
+    tokenizer: Optional[Path] = Loading.tokenizer,
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation data (same format)."),
-    iters: int = _O(100, "--iters", help="Optimizer updates."),
-    batch_size: Optional[int] = _O(None, "--batch-size", help="Samples per micro-batch (default 1)."),
-    grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
-    learning_rate: float = _O(1e-5, "--learning-rate", "--lr", help="Learning rate (constant)."),
-    optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
-    weight_decay: float = _O(0.01, "--weight-decay", help="Weight decay (with --optimizer adamw)."),
-    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (default 8)."),
-    lora_scale: Optional[float] = _O(None, "--lora-scale", help="LoRA scale: the update is scale x B A (default 20.0)."),
-    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Dropout on the LoRA input, in [0, 1) (default 0.0)."),
-    lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
-    targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
-    lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
-    grad_checkpoint: bool = _O(False, "--grad-checkpoint",
-                               help="Save memory: recompute layers in backward, chunk long attention / MLPs."),
-    steps_per_eval: int = _O(200, "--steps-per-eval", help="Validation every N updates (with --val-data)."),
-    val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
-    save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Seed of data order, LoRA init and dropout (default 0)."),
-    resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
-    overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
+    iters: int = T.iters,
+    batch_size: Optional[int] = T.batch_size("Samples"),
+    grad_accum: Optional[int] = T.grad_accum,
+    learning_rate: float = T.learning_rate,
+    optimizer: Optional[str] = T.optimizer,
+    weight_decay: float = T.weight_decay,
+    lora_rank: Optional[int] = T.lora_rank,
+    lora_scale: Optional[float] = T.lora_scale,
+    lora_dropout: Optional[float] = T.lora_dropout,
+    lora_layers: Optional[int] = T.lora_layers,
+    targets: Optional[str] = T.targets,
+    lora_mlp: Optional[bool] = T.lora_mlp,
+    grad_checkpoint: bool = T.grad_checkpoint(),
+    steps_per_eval: int = T.steps_per_eval,
+    val_batches: int = T.val_batches,
+    save_every: int = T.save_every,
+    seed: Optional[int] = T.seed,
+    resume: bool = T.resume,
+    overwrite: bool = T.overwrite,
     text_loss: Optional[str] = _O(None, "--text-loss",
                                   help="upstream (t2i text CE counts prompt tokens, as upstream) or assistant (default upstream)."),
     bit_flip: Optional[float] = _O(None, "--bit-flip",
                                    help="Bitwise self-correction strength for image targets; upstream trains "
                                         "with 0.3 (default 0: fixed targets)."),
-    pn: Optional[str] = _O(None, "--pn", help="Generation-target resolution (default: the model's)."),
-    gen_aspect: Optional[str] = _O(None, "--gen-aspect",
-                                   help="Aspect of generation targets, e.g. 1:1 (default: nearest to each image)."),
+    pn: Optional[str] = T.pn("generation targets"),
+    gen_aspect: Optional[str] = T.gen_aspect("generation targets"),
 ):
     """LoRA supervised fine-tuning (text CE + 3.0 x bit CE for image targets)."""
     _common("sft", **locals())
@@ -308,38 +305,34 @@ def sft(
 @train_app.command("dpo")
 def dpo(
     data: Path = _O(..., "--data", help="Preference data: prompt/messages + chosen + rejected."),
-    adapter_path: Path = _O(..., "--adapter-path", help="Directory for adapters and checkpoints."),
-    fine_tune_type: str = _O("lora", "--fine-tune-type",
-                             help="lora (adapters) or full (every weight but the VAE; adapters.safetensors then "
-                                  "holds all trained weights)."),
+    adapter_path: Path = T.adapter_path,
+    fine_tune_type: str = T.fine_tune_type,
     model: Optional[str] = model_option(),
-    tokenizer: Optional[Path] = _O(None, "--tokenizer", help="Tokenizer directory (when the model has none)."),
+    tokenizer: Optional[Path] = Loading.tokenizer,
     val_data: Optional[Path] = _O(None, "--val-data", help="Validation preference data."),
     beta: Optional[float] = _O(None, "--beta", help="DPO beta: strength of the pull towards the reference (default 0.1)."),
     dpo_loss: Optional[str] = _O(None, "--loss", help="sigmoid or ipo (default sigmoid)."),
-    iters: int = _O(100, "--iters", help="Optimizer updates."),
-    batch_size: Optional[int] = _O(None, "--batch-size", help="Pairs per micro-batch (default 1)."),
-    grad_accum: Optional[int] = _O(None, "--grad-accum", help="Micro-batches per update (default 1)."),
-    learning_rate: float = _O(1e-5, "--learning-rate", "--lr", help="Learning rate (constant)."),
-    optimizer: Optional[str] = _O(None, "--optimizer", help="adam or adamw (default adam)."),
-    weight_decay: float = _O(0.01, "--weight-decay", help="Weight decay (with --optimizer adamw)."),
-    lora_rank: Optional[int] = _O(None, "--lora-rank", help="LoRA rank (default 8)."),
-    lora_scale: Optional[float] = _O(None, "--lora-scale", help="LoRA scale: the update is scale x B A (default 20.0)."),
-    lora_dropout: Optional[float] = _O(None, "--lora-dropout", help="Dropout on the LoRA input, in [0, 1) (default 0.0)."),
-    lora_layers: Optional[int] = _O(None, "--lora-layers", help="Last N layers of each target stack, -1 all (default 16)."),
-    targets: Optional[str] = _O(None, "--targets", help="Comma list of llm,infinity,vision (default llm,infinity)."),
-    lora_mlp: Optional[bool] = _O(None, "--lora-mlp/--no-lora-mlp", help="LoRA on LLM/vision MLPs too."),
-    grad_checkpoint: bool = _O(False, "--grad-checkpoint",
-                               help="Save memory: recompute layers in backward, chunk long attention / MLPs, "
-                                    "back-propagate one response at a time."),
-    steps_per_eval: int = _O(200, "--steps-per-eval", help="Validation every N updates (with --val-data)."),
-    val_batches: int = _O(-1, "--val-batches", help="Validation batches per eval, -1 all."),
-    save_every: int = _O(100, "--save-every", help="Checkpoint every N updates (and at the end)."),
-    seed: Optional[int] = _O(None, "--seed", help="Seed of data order, LoRA init and dropout (default 0)."),
-    resume: bool = _O(False, "--resume", help="Continue the checkpoint in --adapter-path."),
-    overwrite: bool = _O(False, "--overwrite", help="Start over even if --adapter-path holds a checkpoint."),
-    pn: Optional[str] = _O(None, "--pn", help="Image resolution of image preferences (default: the model's)."),
-    gen_aspect: Optional[str] = _O(None, "--gen-aspect", help="Aspect of image preferences (default: nearest)."),
+    iters: int = T.iters,
+    batch_size: Optional[int] = T.batch_size("Pairs"),
+    grad_accum: Optional[int] = T.grad_accum,
+    learning_rate: float = T.learning_rate,
+    optimizer: Optional[str] = T.optimizer,
+    weight_decay: float = T.weight_decay,
+    lora_rank: Optional[int] = T.lora_rank,
+    lora_scale: Optional[float] = T.lora_scale,
+    lora_dropout: Optional[float] = T.lora_dropout,
+    lora_layers: Optional[int] = T.lora_layers,
+    targets: Optional[str] = T.targets,
+    lora_mlp: Optional[bool] = T.lora_mlp,
+    grad_checkpoint: bool = T.grad_checkpoint(", back-propagate one response at a time"),
+    steps_per_eval: int = T.steps_per_eval,
+    val_batches: int = T.val_batches,
+    save_every: int = T.save_every,
+    seed: Optional[int] = T.seed,
+    resume: bool = T.resume,
+    overwrite: bool = T.overwrite,
+    pn: Optional[str] = T.pn("image preferences"),
+    gen_aspect: Optional[str] = T.gen_aspect("image preferences"),
 ):
     """LoRA DPO: reference = the base with adapters disabled (log-probs computed once)."""
     _common("dpo", text_loss=None, bit_flip=None, **locals())
