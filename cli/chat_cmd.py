@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from vargpt_mlx.options import MAX_REPLY_TOKENS
+
 from .app import _user_error_types, app, err, fail, guarded, is_env_os_error, model_option, need_model
 from .options import Loading
 
@@ -158,7 +160,8 @@ def chat(
     image: list[Path] = typer.Option(
         [], "--image", help="Image for the (first) message; repeat for several. The text comes before the "
                             "images, as upstream's examples put it."),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per reply."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help=f"Most tokens per reply (at most {MAX_REPLY_TOKENS} and "
+                                                             "the model's context)."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0: greedy, upstream's default)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1] (1: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for text sampling and drawn images "
@@ -178,8 +181,8 @@ def chat(
     if prompt is not None and not prompt.strip():
         fail("empty prompt")
     model = need_model(model)
-    if max_tokens < 1:
-        fail("--max-tokens must be >= 1")
+    if not 1 <= max_tokens <= MAX_REPLY_TOKENS:
+        fail(f"--max-tokens must be in 1..{MAX_REPLY_TOKENS}, got {max_tokens}")
     if not (0 <= temp < float("inf")):
         fail("--temp must be a finite number >= 0")
     if not 0 < top_p <= 1:

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from vargpt_mlx.options import MAX_REPLY_TOKENS
+
 from .app import app, err, fail, guarded, model_option, need_model
 from .options import Loading
 
@@ -47,7 +49,8 @@ def serve(
                                            help="Accept local file paths as chat image URLs."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", help="Largest request body accepted (MiB)."),
     max_image_pixels: int = typer.Option(40_000_000, "--max-image-pixels", help="Largest input image (pixels)."),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="Reply length for chat requests without max_tokens."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Reply length for chat requests without max_tokens "
+                                                             f"(at most {MAX_REPLY_TOKENS})."),
     temp: float = typer.Option(0.0, "--temp", help="Temperature for chat requests without one (0: greedy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir",
                                            help="Also keep images the model draws in chat in this existing directory "
@@ -68,6 +71,8 @@ def serve(
     if (not 0 < max_body_mb < float("inf") or max_image_pixels <= 0 or max_tokens < 1
             or (batch_size is not None and batch_size < 1)):
         fail("--max-body-mb, --max-image-pixels, --max-tokens and --batch-size must be positive")
+    if max_tokens > MAX_REPLY_TOKENS:
+        fail(f"--max-tokens must be at most {MAX_REPLY_TOKENS}, got {max_tokens}")
     if not 0 <= temp <= 2:  # (nan fails too)
         fail("--temp must be in [0, 2]")
     if log_level.lower() not in ("debug", "info", "warning", "error"):

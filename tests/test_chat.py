@@ -256,6 +256,10 @@ def test_bad_inputs_leave_session_unchanged(pipe, tmp_path):
     assert (s.token_ids, s.cache[0].offset, s._pending, len(s.messages)) == before
     with pytest.raises(ChatError, match="max_tokens"):
         ChatSession(pipe, max_tokens=0)
+    context = pipe.config.llm.max_position_embeddings
+    ChatSession(pipe, max_tokens=context)
+    with pytest.raises(ChatError, match=f"max_tokens must be in 1..{context}, the model's context"):
+        ChatSession(pipe, max_tokens=context + 1)
     with pytest.raises(ChatError, match="top_p"):
         ChatSession(pipe, temp=1.0, top_p=0.0)
 

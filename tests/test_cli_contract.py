@@ -249,6 +249,16 @@ def test_huge_image_is_one_clear_error(work, tmp_path):
         assert "DecompressionBomb" not in r.stderr
 
 
+def test_chat_max_tokens_is_bounded(work):
+    """Above every checkpoint's context before loading; above the loaded model's context (nano: 4096)
+    before the first token."""
+    before = tree(work)
+    assert_user_error(cli(["chat", "hi", "-m", "broken_model", "--max-tokens", 32769], work),
+                      "--max-tokens must be in 1..32768, got 32769", before=before, root=work)
+    assert_user_error(cli(["chat", "hi", "-m", "nano", "--max-tokens", 4097], work),
+                      "max_tokens must be in 1..4096, the model's context", before=before, root=work)
+
+
 def test_chat_out_dir_checked_before_loading(work, immutable):
     before = tree(work)
     for parent, words in _unwritable(work, immutable):
@@ -306,7 +316,7 @@ def floats(lo=None, hi=None, lo_open=False, hi_open=False):
 # What each option accepts; anything outside must be refused. Keys: "command option" or "option".
 DOMAINS = {
     "--n": ints(1, 1000), "--seed": ints(0, 2**63 - 1), "--top-k": ints(0), "--batch-size": ints(1),
-    "--max-tokens": ints(1), "--port": ints(1, 65535), "--max-queue": ints(0),
+    "--max-tokens": ints(1, 32768), "--port": ints(1, 65535), "--max-queue": ints(0),
     "--max-image-pixels": ints(1), "--iters": ints(1), "--grad-accum": ints(1), "--lora-rank": ints(1),
     "--lora-layers": ints(1, allowed=[-1]), "--steps-per-eval": ints(1), "--val-batches": ints(1, allowed=[-1]),
     "--save-every": ints(1), "--q-bits": ints(2, 8, allowed=[]), "--q-group-size": ints(32, 128),

@@ -164,7 +164,7 @@ class ChatSession:
     Args:
         pipeline: ``vargpt_mlx.api.load(...)``'s result.
         system: system prompt (default: the template's, "You are a helpful assistant.").
-        max_tokens: most tokens per reply.
+        max_tokens: most tokens per reply, at most the model's context.
         temp, top_p: sampling (``temp == 0``: greedy, upstream's default; ``top_p == 1``: off).
         seed: seeds text sampling and drawn images (``None``: wall clock).
         out_dir: where drawn images are written.
@@ -179,8 +179,9 @@ class ChatSession:
                  out_dir: str | Path = ".", image_settings: GenerationSettings | None = None,
                  logits_processors: Sequence[Callable] = (),
                  on_image_scale: Callable[[int, int], None] | None = None):
-        if max_tokens < 1:
-            raise ChatError(f"max_tokens must be >= 1 (got {max_tokens})")
+        context = pipeline.config.llm.max_position_embeddings
+        if not 1 <= max_tokens <= context:
+            raise ChatError(f"max_tokens must be in 1..{context}, the model's context (got {max_tokens})")
         self.pipeline = pipeline
         self.model = pipeline.model
         self.tokenizer = pipeline.tokenizer

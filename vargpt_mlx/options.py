@@ -16,6 +16,7 @@ from .errors import InputError
 ASPECT_RANGE = (0.3, 3.3)  # h/w accepted: the tabulated ratios run from 1:3 to 3:1
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 1000  # images per call (each is a file / a batch row)
+MAX_REPLY_TOKENS = 32768  # the largest context of a VARGPT checkpoint (Qwen2-7B's max_position_embeddings)
 
 
 def normalize_pn(pn: str | None) -> str | None:
@@ -87,5 +88,5 @@ def check_count(n: int, batch_size: int | None) -> None:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
 
 
-__all__ = ["ASPECT_RANGE", "MAX_IMAGES", "MAX_SEED", "aspect_label", "check_aspect", "check_count", "check_sampling",
-           "normalize_pn"]
+__all__ = ["ASPECT_RANGE", "MAX_IMAGES", "MAX_REPLY_TOKENS", "MAX_SEED", "aspect_label", "check_aspect", "check_count",
+           "check_sampling", "normalize_pn"]
