@@ -293,7 +293,7 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
 
 @dataclass
 class DecoderArgs:
-    steps: int = 450  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
+    steps: int = 900  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
     batch: int = 4
     lr: float = 2e-4
     seed: int = 1
@@ -702,7 +702,8 @@ def train_dpo(out: Path, data: dict, sft_model: Path, args: DPOArgs = DPOArgs(),
              for s in flat]
     pairs = [(items[2 * i], items[2 * i + 1]) for i in range(len(recs))]
     model.freeze()
-    lcfg = apply_lora(model, LoraConfig(rank=args.rank, scale=args.scale, targets=("llm", "infinity"), num_layers=-1), seed=args.seed)
+    lcfg = apply_lora(model, LoraConfig(rank=args.rank, scale=args.scale, targets=("llm", "infinity"), num_layers=-1),
+                      seed=args.seed)
     task = DPOTask(pipe.processor, pairs, None, beta=args.beta, loss_type=args.loss, positions="inference")
     t0 = time.perf_counter()
     task.prepare_reference(model)
