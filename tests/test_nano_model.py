@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(not (NANO_DIR / "config.json").is_file(), reason
 N = 40  # held-out records per job (greedy answers: ~0.1 s each)
 HELDOUT_SEED = 1  # the recipe writes the held-out split with seed + 1 (DataArgs.seed = 0)
 # Measured for the shipped model on these 40 records (this machine, greedy, deterministic):
-# 15 / 40 answers right (37.5 %; the recipe's eval: 49 % of 100), 24 / 24 answers of the asked kind.
-# Thresholds sit two binomial standard deviations below (sqrt(40 * 0.375 * 0.625) = 3.1 answers), for
-# answers that flip on another BLAS; a random-weight model scores 0 on both.
-UND_MIN = 9
+# 17 / 40 answers right (42.5 %; the recipe's eval: 51 % of 100). Thresholds sit two binomial standard
+# deviations below (sqrt(40 * 0.425 * 0.575) = 3.1 answers), for answers that flip on another BLAS;
+# a random-weight model scores 0 on both.
+UND_MIN = 11
 KIND_MIN_FRACTION = 0.9
 
 
@@ -57,8 +57,8 @@ def test_card_and_size():
     assert size <= 40 * 2**20, size
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped run measured 64.6 min (SFT 35 min with other jobs on the "
-                   "same 2 cores), over the 60-min budget; see README 'The nano model'")
+@pytest.mark.xfail(strict=True, reason="the shipped run measured 73.2 min (VAE 29 min, SFT 38 min with the CI "
+                   "suite on the same 2 cores for 13 of them), over the 60-min budget; see README 'The nano model'")
 def test_recipe_time_within_budget():
     card = json.loads((NANO_DIR / "nano.json").read_text())
     assert card["training_seconds"] <= 3600

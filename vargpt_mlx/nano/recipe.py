@@ -869,7 +869,7 @@ def export(model_dir: Path, dest: Path, info: dict) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(model_dir, tmp)
+    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("vae_refined"))  # the recipe's own marker
     (tmp / "nano.json").write_text(json.dumps(info, indent=1))
     if dest.exists():
         shutil.rmtree(dest)
