@@ -236,10 +236,8 @@ def _to_pil(results: list[ig.GenerationResult], metas: list[dict[str, str]]) -> 
 
 def _run(pipe: Pipeline, ids: np.ndarray, s: ig.GenerationSettings, n: int, batch_size: int | None,
          on_scale, pixel_values=None, grid=None) -> list[ig.GenerationResult]:
-    limit = pipe.config.infinity.text_maxlen
-    if len(ids) > limit:
-        raise InputError(f"the prompt is {len(ids)} tokens; image generation supports at most {limit} "
-                         "(upstream limit of the unconditional memory): use a shorter prompt")
+    if (msg := ig.context_error(pipe.model, len(ids), "prompt")) is not None:
+        raise InputError(f"{msg}: use a shorter prompt")
     cache, hidden = ig.prefill_prompt(pipe.model, ids, pixel_values, grid)
     return ig.draw_images(pipe.model, cache, hidden, s, n=n, batch_size=batch_size, on_scale=on_scale)
 

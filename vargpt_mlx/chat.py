@@ -79,7 +79,7 @@ import numpy as np
 from .api import Pipeline, apply_adapters, image_metadata, load
 from .image_processor import ImageError, ImageInput
 from .models.vargpt import embed_multimodal
-from .pipelines.image_generation import GenerationSettings, draw_images
+from .pipelines.image_generation import GenerationSettings, context_error, draw_images
 from .text_generation import decode_position_ids, generate_step, make_sampler
 
 # Stands for the previous assistant reply when rendering the template, to find what follows it.
@@ -400,11 +400,8 @@ class ChatSession:
         t0 = time.perf_counter()
         next(steps)  # feeds the start token; t2 is chosen as upstream does, never embedded
         self._pending = [tok.image_gen_end_token_id]
-        limit = self.model.config.infinity.text_maxlen
-        n_ctx = len(self.token_ids) - 1
-        if n_ctx > limit:
-            yield ImageEvent(None, None, None, error=f"the conversation is {n_ctx} tokens; image generation "
-                             f"supports at most {limit} (upstream limit); reset to draw")
+        if (msg := context_error(self.model, len(self.token_ids) - 1, "conversation")) is not None:
+            yield ImageEvent(None, None, None, error=f"{msg}; reset to draw")
             return
         seed = (self.seed + self.images_drawn) if self.seed is not None else int(time.time() * 1000) % 2**63
         settings = replace(self.image_settings, seed=seed)

@@ -201,14 +201,23 @@ def autoregressive_infer_cfg(model: VARGPT, cache: list, hidden: mx.array, s: Ge
     return _results(model, summed, bits_per_scale, schedule, record, decode)
 
 
+def context_error(model: VARGPT, n: int, what: str = "context") -> str | None:
+    """Why ``n`` context tokens cannot condition a drawing (None when they can): the unconditional
+    branch's memory is ``cfg_uncond[:n]``, ``text_maxlen`` (512) rows; upstream crashes past them.
+    The one home of this check for the pipeline, the API, chat and the server."""
+    limit = model.config.infinity.text_maxlen
+    if n > limit:
+        return (f"the {what} is {n} tokens; image generation supports at most {limit} "
+                "(upstream limit of the unconditional memory)")
+    return None
+
+
 def _condition(model: VARGPT, hidden: mx.array, B: int) -> _Condition:
     inf = model.vargpt_gen
     prompt_hidden = hidden[:-1]  # cross-attention memory source: the start row is dropped
     n = prompt_hidden.shape[0]
-    if n > model.config.infinity.text_maxlen:
-        # the uncond memory is cfg_uncond[:n]; upstream crashes past its 512 rows
-        raise ValueError(f"the context is {n} tokens; image generation supports at most "
-                         f"{model.config.infinity.text_maxlen} (upstream limit of the unconditional memory)")
+    if (msg := context_error(model, n)) is not None:
+        raise ValueError(msg)
     kv_cond = model.image_gen_projector_out(prompt_hidden)
     kv_uncond = inf.cfg_uncond[:n]
     memory = CrossMemory(mx.concatenate([

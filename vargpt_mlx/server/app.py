@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, api, schedules
+from ..pipelines.image_generation import context_error
 from .errors import APIError, Cancelled, bad_request, error_body
 from .inputs import choose_size, convert_messages, decode_image_url, open_image_bytes
 from .jobs import ChatJob, ImageJob, run_chat, run_images
@@ -417,9 +418,8 @@ def create_app(worker: ModelWorker, settings: ServerSettings) -> FastAPI:
         settings_kw["seed"] = s.seed
         if image is None:
             n_prompt = len(api.t2i_prompt_ids(pipe.tokenizer, prompt))
-            if n_prompt > cfg.infinity.text_maxlen:
-                raise bad_request(f"the prompt is {n_prompt} tokens; image generation supports at most "
-                                  f"{cfg.infinity.text_maxlen}", "context_length_exceeded", "prompt")
+            if (msg := context_error(pipe.model, n_prompt, "prompt")) is not None:
+                raise bad_request(msg, "context_length_exceeded", "prompt")
         job_req = ImageJob(prompt=prompt, n=n, settings=settings_kw, image=image, batch_size=settings.batch_size)
         job, kind, value = await _submit_and_wait_start(request, lambda job, p: run_images(job, p, job_req))
         images = value["images"]
