@@ -23,6 +23,7 @@ from ..models.infinity import CrossMemory
 from ..models.rope_index import plain_position_ids
 from ..models.vargpt import VARGPT, embed_multimodal
 from ..models.vae import to_uint8
+from ..options import check_count
 
 
 @dataclass
@@ -154,9 +155,8 @@ def draw_images(
     ``decode=False`` skips the VAE (``image`` is ``None``).
     """
     s = settings or GenerationSettings()
+    check_count(n, batch_size)  # the API's check, so direct callers get the same rule and message
     bs = n if batch_size is None else batch_size
-    if n < 1 or bs < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     if (trace or teacher_bits is not None) and n != 1:
         raise ValueError("trace / teacher_bits need a single image")
     schedule = schedule or schedules.get_schedule(s.pn or model.config.pn, s.aspect)
