@@ -254,8 +254,9 @@ def _close(got, ref, terms):
 
 @pytest.mark.parametrize("shape", [(2, 6, 8, 3, 4), (1, 4, 10, 5, 2)])
 def test_conv_fast_path_gradients_equal_autodiff_of_the_plain_conv(shape):
-    """The CPU convolutions' custom VJPs (3x3 pad 1, nearest-upsample + 3x3, pad + stride-2 3x3)
-    give the gradients autodiff gives for MLX's own ``conv2d`` formulation of the same layer."""
+    """The CPU convolutions' gradients (3x3 pad 1 and pad + stride-2 3x3: written-out VJPs;
+    nearest-upsample + 3x3: autodiff through its four phases) equal autodiff of MLX's own ``conv2d``
+    formulation of the same layer."""
     from vargpt_mlx.models import vae as V
 
     B, H, W, C, O = shape

@@ -131,7 +131,6 @@ def _taps_rows(rows: mx.array, shape: tuple, taps: list, b: mx.array) -> mx.arra
     return acc.reshape(1, H, Wp, O)[:, :, :W, :]
 
 
-@mx.custom_function
 def _upsample_conv3x3(x: mx.array, w: mx.array, b: mx.array) -> mx.array:
     """Nearest x2 upsampling followed by a 3x3 conv (pad 1), computed on the low-resolution input.
 
@@ -155,18 +154,6 @@ def _upsample_conv3x3(x: mx.array, w: mx.array, b: mx.array) -> mx.array:
             phases.append(_taps_rows(rows, x.shape, taps, b))
     out = mx.stack(phases, axis=3).reshape(B, H, W, 2, 2, O)  # (.., a, c, O)
     return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
-
-
-@_upsample_conv3x3.vjp
-def _upsample_conv3x3_vjp(primals, cotangent, output):
-    # See _conv3x3_rows_vjp: the convolution's gradients on the upsampled grid, then the input
-    # gradient summed back over each 2x2 block that nearest upsampling copied one pixel into.
-    x, w, b = primals
-    B, H, W, C = x.shape
-    up = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
-    du = _conv3x3_input_grad(cotangent, w, up.shape)
-    return du.reshape(B, H, 2, W, 2, C).sum(axis=(2, 4)), _conv3x3_weight_grad(up, cotangent), \
-        cotangent.reshape(-1, cotangent.shape[-1]).sum(0)
 
 
 def _blocked_sum(x: mx.array, axis: int) -> mx.array:
