@@ -127,14 +127,6 @@ def silu(x: mx.array) -> mx.array:
     return _silu_f32(x) if _fast(x) else nn.silu(x)
 
 
-def silu_grad(x: mx.array, g: mx.array) -> mx.array:
-    """``g * silu'(x)``: the cotangent of ``silu`` at ``x``."""
-    if _fast(x):
-        return _silu_bwd(x, g)
-    s = mx.sigmoid(x)
-    return g * (s * (1.0 + x * (1.0 - s)))
-
-
 def gelu_approx(x: mx.array) -> mx.array:
     return _gelu_approx_f32(x) if _fast(x) else nn.gelu_approx(x)
 
