@@ -33,7 +33,7 @@ from vargpt_mlx.pipelines.image_generation import GenerationSettings, draw_image
 from vargpt_mlx.training import lora, run, trainer
 from vargpt_mlx.training.data import Batchable, GenTarget, TargetCache
 from vargpt_mlx.training.dpo import DPOTask
-from vargpt_mlx.training.losses import sample_sft_loss, t2i_sft_loss, und_sft_loss
+from vargpt_mlx.training.losses import bit_ce, sample_sft_loss, t2i_sft_loss, und_sft_loss
 from vargpt_mlx.training.sft import SFTTask, item_loss
 
 ROOT = Path(__file__).parent.parent
@@ -105,6 +105,28 @@ def test_sample_losses_reproduce_upstream(refs, model_dir):
     u = sample_sft_loss(m, ids_u, lab, pixel_values=pv, image_grid_thw=grid)
     assert abs(u.loss.item() - float(refs["sft_und.loss_plainpos"])) < 1e-4
     assert abs(u.loss.item() - und_sft_loss(m, ids_u, lab, pv, grid).item()) < 1e-6
+
+
+def test_bit_ce_reweight_is_infinitys_per_token_weighting():
+    """``reweight=False`` is VARGPT's plain mean; ``reweight=True`` is Infinity's trainer
+    (``var_model/trainer.py``): per-token mean over bits, weights sqrt(area_last / area_k) per
+    token normalised to 1, written out here in numpy."""
+    sched = [(1, 1), (2, 2), (4, 4)]
+    rng = np.random.default_rng(0)
+    L = 1 + 4 + 16
+    logits = rng.normal(size=(2, L, 64)).astype(np.float32)
+    bits = rng.integers(0, 2, size=(2, L, 32))
+    lp = logits.reshape(2, L, 32, 2)
+    lse = np.log(np.exp(lp).sum(-1))
+    ce = lse - np.take_along_axis(lp, bits[..., None], -1)[..., 0]  # (2, L, 32)
+    w = np.concatenate([np.full(h * w_, 4.0 / np.sqrt(h * w_)) for h, w_ in sched])
+    w /= w.sum()
+    want = (ce.mean(-1) * w).sum(-1).mean()
+    got = bit_ce(mx.array(logits), mx.array(bits), sched, reweight=True).item()
+    plain = bit_ce(mx.array(logits), mx.array(bits), sched).item()
+    assert abs(got - want) < 1e-5 * want and abs(plain - ce.mean()) < 1e-5 * plain  # float32 sums of 21-672 terms
+    # the first scale's token carries weight 4/(4 + 4*2 + 16) = 1/7 instead of 1/21
+    assert abs(w[0] - 1 / 7) < 1e-12
 
 
 def test_assistant_text_loss_counts_fewer_tokens(model_dir, targets):

@@ -53,6 +53,24 @@ def scale_weights(schedule: list[tuple[int, int]]) -> mx.array:
     return mx.array(lw / lw.sum(dtype=np.float32))
 
 
+def bit_ce(bit_logits: mx.array, gt_bits: mx.array, schedule: list[tuple[int, int]],
+           reweight: bool = False) -> mx.array:
+    """Scalar bit cross-entropy of (B, L, 64) logits against (B, L, 32) bits.
+
+    ``reweight=False`` is VARGPT's value: the plain mean over every token and bit (its
+    ``forward`` multiplies the per-scale weights into the already-reduced mean, a no-op).
+    ``reweight=True`` is what Infinity's own trainer computes (``var_model/trainer.py``,
+    ``reweight_loss_by_scale``): the per-token mean over bits weighted by ``scale_weights``, so
+    the first scales, one token of 121 at 128 px, are not drowned by the last.
+    """
+    B, L, _ = bit_logits.shape
+    lw = scale_weights(schedule)
+    logits, bits = bit_logits.astype(mx.float32).reshape(B, L, -1, 2), gt_bits.astype(mx.int32)
+    if not reweight:  # upstream's arithmetic exactly, weights and all
+        return (nn.losses.cross_entropy(logits, bits, reduction="mean") * lw).sum()
+    return (nn.losses.cross_entropy(logits, bits, reduction="none").mean(axis=-1) * lw).sum(axis=-1).mean()
+
+
 def masked_ce(logits: mx.array, targets: mx.array, ignore: mx.array) -> mx.array:
     """Mean cross-entropy over positions where ``ignore`` is false (torch CE, reduction='mean')."""
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(ignore, 0, targets), reduction="none")
@@ -211,9 +229,10 @@ def _row_logits(model: VARGPT, hidden: mx.array, rows: np.ndarray) -> mx.array:
 def sample_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array | np.ndarray, *,
                     gt_bits: mx.array | None = None, x_wo_prefix: mx.array | None = None,
                     schedule: list[tuple[int, int]] | None = None, pixel_values=None, image_grid_thw=None,
-                    text_loss: str = "upstream", positions: str = "plain") -> SampleLoss:
+                    text_loss: str = "upstream", positions: str = "plain", reweight: bool = False) -> SampleLoss:
     """SFT loss of one sample: ``und_sft_loss`` without a generation target, else upstream's
-    ``text_ce + 3.0 x bit_ce`` (``t2i_sft_loss``) from precomputed GT bits / teacher inputs."""
+    ``text_ce + 3.0 x bit_ce`` (``t2i_sft_loss``) from precomputed GT bits / teacher inputs
+    (``reweight``: see ``bit_ce``)."""
     tok = model.config.tokens
     ids_np = np.asarray(input_ids)
     is_gen = gt_bits is not None
@@ -227,11 +246,8 @@ def sample_sft_loss(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nd
     text_ce = nn.losses.cross_entropy(_row_logits(model, hidden, rows), targets, reduction="mean")
     if not is_gen:
         return SampleLoss(text_ce, text_ce, None, None)
-    B, Lb, _ = bit_logits.shape
-    bit_ce = nn.losses.cross_entropy(bit_logits.astype(mx.float32).reshape(B, Lb, -1, 2), gt_bits.astype(mx.int32),
-                                     reduction="mean")
-    bit_ce_weighted = (bit_ce * scale_weights(schedule)).sum()
-    return SampleLoss(text_ce + BIT_LOSS_WEIGHT * bit_ce_weighted, text_ce, bit_ce_weighted, bit_logits)
+    bit = bit_ce(bit_logits, gt_bits, schedule, reweight)
+    return SampleLoss(text_ce + BIT_LOSS_WEIGHT * bit, text_ce, bit, bit_logits)
 
 
 def bit_logprobs(bit_logits: mx.array, gt_bits: mx.array) -> mx.array:
@@ -269,7 +285,7 @@ def sample_logprob(model: VARGPT, input_ids: mx.array, labels: mx.array | np.nda
 
 
 def uncond_bit_loss(model: VARGPT, x_wo_prefix: mx.array, gt_bits: mx.array, schedule: list[tuple[int, int]],
-                    n_memory: int) -> mx.array:
+                    n_memory: int, reweight: bool = False) -> mx.array:
     """Bit CE of the unconditional CFG branch, computed as ``autoregressive_infer_cfg`` runs it
     (upstream's quirk kept): start row ``cfg_uncond[0]``; every scale alone through the LLM with no
     prompt, no cache and positions 0..hw-1; the same next-scale inputs as the cond branch; the
@@ -285,6 +301,4 @@ def uncond_bit_loss(model: VARGPT, x_wo_prefix: mx.array, gt_bits: mx.array, sch
         s += n
     inf_in = model.image_gen_projector_out(mx.concatenate(outs, axis=1))
     bit_logits = inf.forward_train(inf_in, cond_BD, [inf.cfg_uncond[:n_memory]], schedule)
-    B, Lb, _ = bit_logits.shape
-    return nn.losses.cross_entropy(bit_logits.astype(mx.float32).reshape(B, Lb, -1, 2), gt_bits.astype(mx.int32),
-                                   reduction="mean")
+    return bit_ce(bit_logits, gt_bits, schedule, reweight)
