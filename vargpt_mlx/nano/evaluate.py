@@ -244,6 +244,17 @@ def check_generation(img, scene_or_spec, exact_count: bool = True) -> bool:
     return scene_matches(analyze(img), spec, exact_count)
 
 
+def generation_parts(img, spec: dict) -> dict[str, bool]:
+    """Which parts of a generation spec (``world.spec_of``) an image gets right, each on its own:
+    the background, the object count, the multiset of object colours and of shapes. Diagnostic
+    figures beside ``check_generation`` (which needs all of them, matched per object)."""
+    found, want = analyze(img), spec["objects"]
+    return {"background": tuple(found.background) == tuple(spec["background"]),
+            "count": len(found.objects) == len(want),
+            "colours": sorted(o.colour for o in found.objects) == sorted(o["colour"] for o in want),
+            "shapes": sorted(o.shape for o in found.objects) == sorted(o["shape"] for o in want)}
+
+
 def check_edit(before_scene: Scene | dict, instruction_spec: dict, after_img) -> bool:
     """The edit (``world.apply_edit`` spec) was made and the rest kept: background, count, every
     object's shape, colour, size and position (an added object's size is not checked)."""
