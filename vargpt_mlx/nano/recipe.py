@@ -301,8 +301,33 @@ class DecoderArgs:
     steps: int = 900  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
     batch: int = 4
     lr: float = 2e-4
+    # pixels within 3 px of an edge of the target weigh 1 + edge_weight: they are 11 % of the
+    # pixels and held 76 % of the squared error of the unweighted refinement (16 held-out scenes),
+    # whose drawings the evaluator read as the right shapes in 17 % of 48 reconstructions
+    edge_weight: float = 4.0
     seed: int = 1
     save_every: int = 25
+
+
+def edge_weights(x: np.ndarray, weight: float, radius: int = 3, step: float = 30 / 127.5) -> np.ndarray:
+    """(B, H, W) per-pixel loss weights of images ``x`` (B, H, W, 3) in [-1, 1]: 1, plus ``weight``
+    within ``radius`` px (4-neighbour dilation) of a pixel whose RGB differs from a 4-neighbour's by
+    more than ``step`` (summed over channels; 30 grey levels)."""
+    d = np.zeros(x.shape[:3], bool)
+    g = np.abs(np.diff(x, axis=1)).sum(-1) > step
+    d[:, 1:] |= g
+    d[:, :-1] |= g
+    g = np.abs(np.diff(x, axis=2)).sum(-1) > step
+    d[:, :, 1:] |= g
+    d[:, :, :-1] |= g
+    for _ in range(radius):
+        e = d.copy()
+        e[:, 1:] |= d[:, :-1]
+        e[:, :-1] |= d[:, 1:]
+        e[:, :, 1:] |= d[:, :, :-1]
+        e[:, :, :-1] |= d[:, :, 1:]
+        d = e
+    return 1.0 + weight * d.astype(np.float32)
 
 
 def train_decoder(out: Path, args: DecoderArgs = DecoderArgs(), log: Log = print) -> Path:
@@ -317,14 +342,15 @@ def train_decoder(out: Path, args: DecoderArgs = DecoderArgs(), log: Log = print
     vae.encoder.freeze()
     sched = schedules.get_schedule(PN)
 
-    def loss_fn(model, codes, x):
-        y = model.decoder(codes)
-        return mx.mean(mx.abs(y - x)) + mx.mean((y - x) ** 2)
+    def loss_fn(model, codes, x, w):
+        e = model.decoder(codes) - x
+        return mx.mean(w[..., None] * (mx.abs(e) + e * e)) / mx.mean(w)
 
     def batch_fn(step):
         x = _render_batch(np.random.default_rng([args.seed, step]), args.batch, IMAGE_SIZE)
         bits, _, _ = bsq.encode_multiscale(vae.encode_features(x), sched)
-        return mx.stop_gradient(bsq.codes_from_bits(bits, sched)), x
+        w = mx.array(edge_weights(np.asarray(x), args.edge_weight))
+        return mx.stop_gradient(bsq.codes_from_bits(bits, sched)), x, w
 
     _train_stage("vae decoder", vae, loss_fn, batch_fn, steps=args.steps, lr=args.lr, warmup=10,
                  state_file=state_file, meta={"args": asdict(args)}, save_every=args.save_every, log=log)
