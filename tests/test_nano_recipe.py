@@ -77,3 +77,16 @@ def test_full_fine_tune_trains_every_weight_but_the_vae(smoke_run, tmp_path):
     changed = [k for k in saved if not np.array_equal(np.asarray(base[k]), np.asarray(tuned[k]))]
     assert len(changed) > 0.5 * len(saved)
     assert all(np.array_equal(np.asarray(base[k]), np.asarray(tuned[k])) for k in base if k.startswith("vae_local."))
+
+
+def test_decoder_edge_weights():
+    """The decoder refinement's weights: 1 on flat areas, 1 + w within 3 px of a colour edge."""
+    from vargpt_mlx.nano.recipe import edge_weights
+
+    x = np.full((1, 32, 32, 3), -1.0, np.float32)
+    assert np.array_equal(edge_weights(x, 4.0), np.ones((1, 32, 32), np.float32))
+    x[0, 10:20, 10:20] = 1.0  # a white square on black: edges at rows / columns 9|10 and 19|20
+    w = edge_weights(x, 4.0)
+    assert w[0, 15, 15] == 1.0 and w[0, 0, 0] == 1.0  # centre of the square, far corner
+    assert w[0, 10, 15] == 5.0 and w[0, 6, 15] == 5.0 and w[0, 5, 15] == 1.0  # 3 px out from row 9
+    assert w[0, 15, 23] == 5.0 and w[0, 15, 24] == 1.0
