@@ -320,12 +320,13 @@ def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
 
 @dataclass
 class DecoderArgs:
-    steps: int = 900  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
+    steps: int = 1800  # decoder-only refinement at 128 px (runs beside stage 2, see run_recipe)
     batch: int = 4
     lr: float = 2e-4
     # pixels within 3 px of an edge of the target weigh 1 + edge_weight: they are 11 % of the
     # pixels and held 76 % of the squared error of the unweighted refinement (16 held-out scenes),
-    # whose drawings the evaluator read as the right shapes in 17 % of 48 reconstructions
+    # whose drawings the evaluator read as the right shapes in 17 % of 48 reconstructions (edge
+    # weighted: 23 % after 900 steps, 25 % after 1800, PSNR 23.6 -> 24.3 dB)
     edge_weight: float = 4.0
     seed: int = 1
     save_every: int = 25
