@@ -22,12 +22,16 @@ pytestmark = pytest.mark.skipif(not (NANO_DIR / "config.json").is_file(), reason
 
 N = 40  # held-out records per job (greedy answers: ~0.1 s each)
 HELDOUT_SEED = 1  # the recipe writes the held-out split with seed + 1 (DataArgs.seed = 0)
-# Measured for the shipped model on these 40 records (this machine, greedy, deterministic):
-# 17 / 40 answers right (42.5 %; the recipe's eval: 51 % of 100). Thresholds sit two binomial standard
-# deviations below (sqrt(40 * 0.425 * 0.575) = 3.1 answers), for answers that flip on another BLAS;
-# a random-weight model scores 0 on both.
-UND_MIN = 11
+# Measured for the shipped model on these 40 records per job (this machine, the same with MLX's
+# bundled BLAS and with OpenBLAS): 14 / 40 answers right (35 %; the recipe's eval: 48 % of other 100
+# records; the model before this one: 17 / 40); drawings (upstream sampling, seed = record index):
+# 5 / 40 pass the evaluator, backgrounds right in 39, object colours in 30. Thresholds sit two
+# binomial standard deviations below the measured count (answers / bits that flip on another BLAS):
+# sqrt(40 p (1 - p)) = 3.0 answers, 2.1 drawings, 1.0 backgrounds, 2.7 colours. A random-weight model
+# scores 0 on answers and drawings.
+UND_MIN = 8
 KIND_MIN_FRACTION = 0.9
+GEN_MIN, BACKGROUND_MIN, COLOURS_MIN = 1, 37, 24
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,8 @@ def test_card_and_size():
     assert size <= 40 * 2**20, size
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped run measured 73.2 min (VAE 29 min, SFT 38 min with the CI "
-                   "suite on the same 2 cores for 13 of them), over the 60-min budget; see README 'The nano model'")
+@pytest.mark.xfail(strict=True, reason="the shipped run measured 94.4 min (VAE 29 min, SFT 60 min beside the decoder "
+                   "refinement and two experiment runs), over the 60-min budget; see README 'The nano model'")
 def test_recipe_time_within_budget():
     card = json.loads((NANO_DIR / "nano.json").read_text())
     assert card["training_seconds"] <= 3600
@@ -87,13 +91,29 @@ def test_answers_heldout_questions(pipe, heldout):
     assert kinds and kind_ok / kinds >= KIND_MIN_FRACTION, f"{kind_ok}/{kinds} of the asked kind"
 
 
-def test_draws_and_edits_at_its_size(pipe, heldout):
-    """The drawing jobs run end to end on the shipped model at its 128x128 (its drawings do not yet
-    pass the evaluator: 0 % held-out, see the README; no accuracy is asserted for them)."""
+def test_draws_heldout_prompts(pipe, heldout):
+    """Prompts naming attribute combinations never seen in training, drawn with upstream's sampling
+    settings and judged by the evaluator: whole drawings, and backgrounds and object colours alone."""
+    from vargpt_mlx import api
+    from vargpt_mlx.nano import evaluate as ev
+
+    _, meta, _ = heldout
+    full = background = colours = 0
+    for i, m in enumerate(meta["t2i"]):
+        img = api.generate_image(pipe, m["prompt"], seed=i)[0]
+        assert img.size == (128, 128) and img.info["seed"] == str(i)
+        full += ev.check_generation(img, m["spec"])
+        parts = ev.generation_parts(img, m["spec"])
+        background += parts["background"]
+        colours += parts["colours"]
+    assert full >= GEN_MIN and background >= BACKGROUND_MIN and colours >= COLOURS_MIN, (full, background, colours)
+
+
+def test_edits_at_its_size(pipe, heldout):
+    """Editing runs end to end at 128x128 (1 / 40 edits pass the evaluator: no accuracy asserted,
+    see the README)."""
     from vargpt_mlx import api
 
     base, meta, recs = heldout
-    img = api.generate_image(pipe, meta["t2i"][0]["prompt"], seed=0)[0]
-    assert img.size == (128, 128) and img.info["seed"] == "0"
     ed = api.edit_image(pipe, Image.open(base / recs["edit"][0]["images"][0]), meta["edit"][0]["instruction"], seed=0)[0]
     assert ed.size == (128, 128)
