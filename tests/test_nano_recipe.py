@@ -30,7 +30,11 @@ def test_every_stage_runs_and_resumes(smoke_run):
         assert (out / f).exists(), f
     table = json.loads((out / "eval.json").read_text())
     assert {"sft/heldout", "dpo/heldout", "dpo/train", "dpo-q8/heldout", "dpo-q4/heldout"} <= set(table)
-    assert all(0.0 <= v <= 1.0 for k, row in table.items() if "/" in k for j, v in row.items() if j != "n")
+    fractions = [v for k, row in table.items() if "/" in k for j, v in row.items() if j not in ("n", "gen_parts")]
+    fractions += [v for k, row in table.items() if "/" in k for v in row.get("gen_parts", {}).values()]
+    fractions += [v for j, v in table["vae_ceiling"].items() if j not in ("n", "psnr")]
+    assert fractions and all(0.0 <= v <= 1.0 for v in fractions)
+    assert set(table["sft/heldout"]["gen_parts"]) == {"background", "count", "colours", "shapes"}
     # a second run finds every stage done and redoes nothing
     r = CliRunner().invoke(app, ["train", "nano", "--out", str(out), "--smoke"])
     assert r.exit_code == 0, r.output
