@@ -102,8 +102,9 @@ def test_draws_heldout_prompts(pipe, heldout):
     for i, m in enumerate(meta["t2i"]):
         img = api.generate_image(pipe, m["prompt"], seed=i)[0]
         assert img.size == (128, 128) and img.info["seed"] == str(i)
-        full += ev.check_generation(img, m["spec"])
-        parts = ev.generation_parts(img, m["spec"])
+        found = ev.analyze(img)
+        full += ev.scene_matches(found, m["spec"])
+        parts = ev.generation_parts(found, m["spec"])
         background += parts["background"]
         colours += parts["colours"]
     assert full >= GEN_MIN and background >= BACKGROUND_MIN and colours >= COLOURS_MIN, (full, background, colours)

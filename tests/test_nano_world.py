@@ -206,10 +206,10 @@ def test_edit_and_generation_checks():
     assert not ev.check_generation(W.render(before), {"background": ["yellow"], "objects": [
         {"shape": "circle", "colour": "blue", "position": "right"}]})
     every = {"background": True, "count": True, "colours": True, "shapes": True}
-    assert ev.generation_parts(W.render(before), spec) == every
+    assert ev.generation_parts(ev.analyze(W.render(before)), spec) == every
     two = W.render(after, rng=np.random.default_rng(1))  # blue circle + red star on yellow
-    assert ev.generation_parts(two, spec) == {**every, "count": False, "colours": False, "shapes": False}
-    assert ev.generation_parts(W.render(before), {"background": ["green"], "objects": [
+    assert ev.generation_parts(ev.analyze(two), spec) == {**every, "count": False, "colours": False, "shapes": False}
+    assert ev.generation_parts(ev.analyze(W.render(before)), {"background": ["green"], "objects": [
         {"shape": "star", "colour": "blue"}]}) == {**every, "background": False, "shapes": False}
 
 

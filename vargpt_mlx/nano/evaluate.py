@@ -232,23 +232,28 @@ def scene_matches(found: Scene, spec: dict, exact_count: bool = True) -> bool:
     return False
 
 
+def as_spec(scene_or_spec) -> dict:
+    """A ``Scene`` as the spec that requests everything in it (background, count, each object's
+    shape, colour, size and position); a spec dict as it is."""
+    if isinstance(scene_or_spec, Scene):
+        s = scene_or_spec
+        return {"background": list(s.background), "split": s.split, "objects": [o.to_dict() for o in s.objects]}
+    return scene_or_spec
+
+
 def check_generation(img, scene_or_spec, exact_count: bool = True) -> bool:
-    """All requested attributes right. A ``Scene`` requests everything (background, count,
-    each object's shape, colour, size and position); a spec dict (``world.spec_of`` / a t2i
-    record's meta ``spec``) requests its background and, per object, shape, colour and only the
-    size / position it names."""
-    spec = scene_or_spec
-    if isinstance(spec, Scene):
-        spec = {"background": list(spec.background), "split": spec.split,
-                "objects": [o.to_dict() for o in spec.objects]}
-    return scene_matches(analyze(img), spec, exact_count)
+    """All requested attributes right. A ``Scene`` requests everything (``as_spec``); a spec dict
+    (``world.spec_of`` / a t2i record's meta ``spec``) requests its background and, per object,
+    shape, colour and only the size / position it names."""
+    return scene_matches(analyze(img), as_spec(scene_or_spec), exact_count)
 
 
-def generation_parts(img, spec: dict) -> dict[str, bool]:
-    """Which parts of a generation spec (``world.spec_of``) an image gets right, each on its own:
-    the background, the object count, the multiset of object colours and of shapes. Diagnostic
-    figures beside ``check_generation`` (which needs all of them, matched per object)."""
-    found, want = analyze(img), spec["objects"]
+def generation_parts(found: Scene, scene_or_spec) -> dict[str, bool]:
+    """Which parts of a request an analysed image (``found = analyze(img)``) gets right, each on
+    its own: the background, the object count, the multiset of object colours and of shapes.
+    Diagnostic figures beside ``scene_matches`` (which needs all of them, matched per object)."""
+    spec = as_spec(scene_or_spec)
+    want = spec["objects"]
     return {"background": tuple(found.background) == tuple(spec["background"]),
             "count": len(found.objects) == len(want),
             "colours": sorted(o.colour for o in found.objects) == sorted(o["colour"] for o in want),

@@ -251,6 +251,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(255.0**2 / max(mse, 1e-10))
 
 
+def _reconstructions(vae: BSQVAE, imgs: np.ndarray, batch: int = 16) -> np.ndarray:
+    """uint8 ``vae_reconstruct`` of uint8 images (rounded, like save_image), ``batch`` at a time."""
+    out = []
+    for s in range(0, len(imgs), batch):
+        rec = vae_reconstruct(vae, mx.array(imgs[s:s + batch].astype(np.float32) / 127.5 - 1.0))
+        out.append(np.asarray(((rec + 1) / 2 * 255).round().astype(mx.uint8)))
+    return np.concatenate(out)
+
+
 def eval_vae(vae: BSQVAE, n: int = 64, seed: int = 999, split: str = "heldout") -> float:
     """Mean PSNR (dB, uint8 images) of ``vae_reconstruct`` on ``n`` fresh renders."""
     rng = np.random.default_rng(seed)
@@ -258,9 +267,7 @@ def eval_vae(vae: BSQVAE, n: int = 64, seed: int = 999, split: str = "heldout") 
     for s in range(0, n, 16):
         imgs = np.stack([np.asarray(world.render(world.sample_scene(rng, split), IMAGE_SIZE, rng))
                          for _ in range(min(16, n - s))])
-        rec = vae_reconstruct(vae, mx.array(imgs.astype(np.float32) / 127.5 - 1.0))
-        rec = np.asarray(((rec + 1) / 2 * 255).round().astype(mx.uint8))  # rounded, like save_image
-        vals += [psnr(a, b) for a, b in zip(imgs, rec)]
+        vals += [psnr(a, b) for a, b in zip(imgs, _reconstructions(vae, imgs))]
     return float(np.mean(vals))
 
 
@@ -272,18 +279,13 @@ def eval_vae_scenes(vae: BSQVAE, n: int = 48, seed: int = 5) -> dict:
 
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, "heldout") for _ in range(n)]
-    imgs = np.stack([np.asarray(world.render(s, IMAGE_SIZE, rng)) for s in scenes])
-    ok, parts, ps = [], [], []
-    for b in range(0, n, 16):
-        rec = vae_reconstruct(vae, mx.array(imgs[b:b + 16].astype(np.float32) / 127.5 - 1.0))
-        rec = np.asarray(((rec + 1) / 2 * 255).round().astype(mx.uint8))
-        for sc, r, g in zip(scenes[b:b + 16], rec, imgs[b:b + 16]):
-            ok.append(ev.check_generation(r, sc))
-            spec = {"background": list(sc.background), "split": sc.split, "objects": [o.to_dict() for o in sc.objects]}
-            parts.append(ev.generation_parts(r, spec))
-            ps.append(psnr(g, r))
+    imgs = np.stack([np.asarray(world.render(sc, IMAGE_SIZE, rng)) for sc in scenes])
+    rec = _reconstructions(vae, imgs)
+    found = [ev.analyze(r) for r in rec]
+    ok = [ev.scene_matches(f, ev.as_spec(sc)) for f, sc in zip(found, scenes)]
+    parts = [ev.generation_parts(f, sc) for f, sc in zip(found, scenes)]
     return {"all": float(np.mean(ok)), **{k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
-            "psnr": float(np.mean(ps)), "n": n}
+            "psnr": float(np.mean([psnr(g, r) for g, r in zip(imgs, rec)])), "n": n}
 
 
 def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
@@ -582,8 +584,7 @@ class NanoTask:
     inference positions; with probability ``p_uncond`` (a function of (seed, step, item)) a
     generation sample trains the unconditional branch instead (``uncond_bit_loss``)."""
 
-    def __init__(self, processor, train: list, val: list | None = None, p_uncond: float = 0.15, seed: int = 0,
-                 reweight: bool = True):
+    def __init__(self, processor, train: list, val: list | None, *, p_uncond: float, seed: int, reweight: bool):
         self.processor, self.train_items, self.val_items = processor, train, list(val or [])
         self.p_uncond, self.seed, self.step, self.reweight = p_uncond, seed, 0, reweight
         self.n_train, self.n_val = len(train), len(self.val_items)
@@ -822,11 +823,12 @@ def evaluate_model(model_dir: Path, data: dict, split: str = "heldout", n: int =
         if job in jobs:
             ok, parts = [], []
             for i, m in enumerate(meta["t2i"][:n]):
-                img = api.generate_image(pipe, m["prompt"], seed=seed + i, argmax=argmax)[0]
-                ok.append(ev.check_generation(img, m["spec"]))
-                parts.append(ev.generation_parts(img, m["spec"]))
+                found = ev.analyze(api.generate_image(pipe, m["prompt"], seed=seed + i, argmax=argmax)[0])
+                ok.append(ev.scene_matches(found, m["spec"]))
+                if not argmax:  # which parts the drawings get right (diagnostic, beside the full check)
+                    parts.append(ev.generation_parts(found, m["spec"]))
             res[job] = float(np.mean(ok))
-            if not argmax:  # which parts the drawings get right (diagnostic, beside the full check)
+            if parts:
                 res["gen_parts"] = {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
     if "edit" in jobs:
         ok = []
