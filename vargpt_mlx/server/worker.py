@@ -123,16 +123,18 @@ class ModelWorker:
             try:
                 if job.cancelled or self._stopping:
                     raise Cancelled()
-                job.emit("done", job.fn(job, self.pipeline))
+                outcome = ("done", job.fn(job, self.pipeline))
             except BaseException as e:  # noqa: BLE001 - every failure goes back to its request
                 if not isinstance(e, (Cancelled, ValueError)):
                     log.exception("job failed")
-                job.emit("error", e)
-            finally:
-                with self._lock:
-                    self.busy = False
-                    self._current = None
-                    self.served += 1
+                outcome = ("error", e)
+            # idle before the answer leaves: a client that reads its answer and then asks /health
+            # must not see this finished job as still running
+            with self._lock:
+                self.busy = False
+                self._current = None
+                self.served += 1
+            job.emit(*outcome)
 
     def submit(self, fn: Callable[[Job, Any], Any]) -> Job:
         """Queue ``fn`` (call from the event loop); ``QueueFull`` past ``max_queue``."""
