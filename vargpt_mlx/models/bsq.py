@@ -62,10 +62,14 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
 def _apply_separable(x: mx.array, mh: np.ndarray, mw: np.ndarray) -> mx.array:
     """Apply per-axis interpolation matrices to ``(B, h, w, d)``: width first, then height.
 
-    The width-then-height order matches ATen's nesting ``h0*(w0*x00 + w1*x01) + h1*(...)``.
+    The width-then-height order matches ATen's nesting ``h0*(w0*x00 + w1*x01) + h1*(...)``. One
+    image at a time: the product's shape then does not depend on the batch, so an image comes out
+    bit-identical whatever batch it is drawn in (OpenBLAS picks its kernel by shape, and its
+    roundings differed between a batch of 2 and of 1).
     """
-    y = mx.einsum("Ww,bhwd->bhWd", mx.array(mw), x)
-    return mx.einsum("Hh,bhWd->bHWd", mx.array(mh), y)
+    mw, mh = mx.array(mw), mx.array(mh)
+    out = [mx.einsum("Hh,hWd->HWd", mh, mx.einsum("Ww,hwd->hWd", mw, xi)) for xi in x]
+    return mx.stack(out)
 
 
 def upsample_trilinear(x: mx.array, size: tuple[int, int]) -> mx.array:

@@ -30,7 +30,6 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
 from .. import schedules
@@ -166,7 +165,7 @@ class SelfAttention(nn.Module):
     """Upstream ``basic.SelfAttention`` with ``cos_attn=True`` and per-layer 2-D RoPE."""
 
     # the q, k, v -> out step: training swaps it per instance (``trainer.enable_chunked_attention``)
-    sdpa = staticmethod(scaled_dot_product_attention)
+    sdpa = staticmethod(activations.sdpa)
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

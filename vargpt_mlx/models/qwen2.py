@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from ..config import LLMConfig
@@ -78,7 +78,7 @@ class Attention(nn.Module):
     """``Qwen2VLSdpaAttention``: GQA self-attention with M-RoPE, scale 1/sqrt(head_dim)."""
 
     # the q, k, v -> out step: training swaps it per instance (``trainer.enable_chunked_attention``)
-    sdpa = staticmethod(scaled_dot_product_attention)
+    sdpa = staticmethod(activations.sdpa)
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
+from . import activations
 from .qwen2 import rotate_half
 
 DROPPED: tuple[str, ...] = ()  # every upstream ``visual.*`` weight is used
@@ -116,7 +117,7 @@ class VisionAttention(nn.Module):
         q = apply_rotary_pos_emb_vision(q.squeeze(1), *rope)
         k = apply_rotary_pos_emb_vision(k.squeeze(1), *rope)
         q, k, v = (a.reshape(n, self.num_heads, -1).transpose(1, 0, 2)[None] for a in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = activations.sdpa(q, k, v, scale=self.scale, mask=mask)
         return self.proj(out[0].transpose(1, 0, 2).reshape(n, -1))
 
 

@@ -32,6 +32,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from ..models import activations
 from .callbacks import StepInfo, TrainingCallback
 from .lora import LoraConfig, save_adapters, save_safetensors_atomic, trained_weights
 
@@ -145,7 +146,7 @@ def _chunked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, chunk: i
     L = q.shape[2]
 
     def attend(qc, kc, vc, *m):
-        return mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=scale, mask=m[0] if m else "causal")
+        return activations.sdpa(qc, kc, vc, scale=scale, mask=m[0] if m else "causal")
 
     attend = mx.checkpoint(attend)
     outs = []
