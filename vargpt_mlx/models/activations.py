@@ -189,8 +189,8 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
         e = min(s + rows, L)
         sc = q[:, :, :, s:e] @ kt
         if isinstance(mask, str):  # "causal": query i sees keys j <= i + S - L
-            rows = mx.arange(s + S - L, e + S - L)[:, None]
-            sc = mx.where(mx.arange(S)[None] <= rows, sc, -math.inf)
+            last = mx.arange(s + S - L, e + S - L)[:, None]
+            sc = mx.where(mx.arange(S)[None] <= last, sc, -math.inf)
         elif mask is not None:
             mc = m[..., s:e, :] if m.shape[-2] != 1 else m
             sc = mx.where(mc, sc, -math.inf) if mc.dtype == mx.bool_ else sc + mc
