@@ -159,8 +159,10 @@ def _softmax_vjp(primals, cotangent, output):
 # scores per query chunk of the CPU path: a chunk's scores stay a few MB, so MLX's allocator
 # reuses one buffer instead of page-faulting a fresh gigabyte-sized one per op (measured on
 # (2, 16, 1024, 64) x 2736 keys: chunks of 16 rows = 1.4 M scores 6.2 ns per score, of 256 rows
-# 15 ns); short sequences stay one chunk (each op call costs microseconds)
+# 15 ns; chunks of 4 or 8 rows were slower again: more, smaller GEMM calls); short sequences stay
+# one chunk (each op call costs microseconds)
 _CHUNK_SCORES = 3 << 19
+_MIN_ROWS = 16
 
 
 def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cache=None) -> mx.array:
@@ -183,7 +185,7 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
         m = mask if mask.ndim == 4 else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
         # heads axis -> (kv heads, group): a per-head mask keeps its order, a shared one broadcasts
         m = m.reshape(m.shape[0], Hk, rep, *m.shape[2:]) if m.shape[1] != 1 else m[:, :, None]
-    rows = max(16, _CHUNK_SCORES // (B * H * S))
+    rows = max(_MIN_ROWS, _CHUNK_SCORES // (B * H * S))
     outs = []
     for s in range(0, L, rows):
         e = min(s + rows, L)
