@@ -189,7 +189,10 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
     outs = []
     for s in range(0, L, rows):
         e = min(s + rows, L)
-        sc = q[:, :, :, s:e] @ kt
+        qc = q[:, :, :, s:e]
+        if outs:  # one chunk after the other, so only one chunk's scores exist at a time
+            qc = mx.depends(qc, outs[-1])
+        sc = qc @ kt
         if isinstance(mask, str):  # "causal": query i sees keys j <= i + S - L
             last = mx.arange(s + S - L, e + S - L)[:, None]
             sc = mx.where(mx.arange(S)[None] <= last, sc, -math.inf)
