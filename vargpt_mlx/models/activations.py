@@ -24,6 +24,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**12
@@ -138,7 +139,6 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 
-
 # ---------------------------------------------------------------------------------- attention
 @mx.custom_function
 def _softmax_f32(s: mx.array) -> mx.array:
@@ -169,10 +169,10 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
     """``mlx_lm``'s ``scaled_dot_product_attention`` (the models' ``sdpa`` step), with a float32
     CPU path: MLX's CPU ``scaled_dot_product_attention`` spends ~13 ns per score, nearly all of it
     in its ``exp`` (the score matmul is ~1.7 ns); here the softmax uses the polynomial ``_exp``
-    over query chunks (~6 ns per score). ``mask``: None, "causal" (bottom-right aligned), or a
-    boolean / additive array broadcastable to (B, heads, L, S); keys may have fewer heads (GQA)."""
-    from mlx_lm.models.base import scaled_dot_product_attention
-
+    over query chunks, computed one after the other (measured on (2, 16, 1024, 64) x 2736 keys:
+    744-769 ms and 215 MiB peak, MLX's 1037-1083 ms and 358 MiB). ``mask``: None, "causal"
+    (bottom-right aligned), or a boolean / additive array broadcastable to (B, heads, L, S); keys
+    may have fewer heads (GQA)."""
     B, H, L, D = q.shape
     S, Hk = k.shape[2], k.shape[1]
     if hasattr(cache, "bits") or not _fast(q) or L * S < 4096:
