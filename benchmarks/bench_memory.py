@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py --model /tmp/vargpt_full_q4all             # bf16, as on Metal
     python benchmarks/bench_memory.py --model /tmp/vargpt_full_q4 --dtype float32  # as on the CPU
+    python benchmarks/bench_memory.py --model /tmp/vargpt_full_q4all --dtype float32 --vae-decode
 
 Weights are memory-mapped and read lazily, so a task only ever holds the parts it uses. For each
 task this loads the model afresh, evaluates exactly those parameters (no compute) and reports MLX's
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="dtype of the float weights and activations (bfloat16: Metal's default)")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="context length for the cache figures")
+    ap.add_argument("--vae-decode", action="store_true",
+                    help="also decode one 512x512 image (random codes) and report the decoder's transient memory")
     args = ap.parse_args()
 
     from vargpt_mlx import schedules
@@ -73,6 +76,26 @@ def main() -> None:
         del model
         gc.collect()
         mx.clear_cache()
+    if args.vae_decode:
+        vae_decode(args.model, dtype)
+
+
+def vae_decode(path: str, dtype) -> None:
+    """Time and memory of ``vae_local.decode`` on one 512x512 image's codes (the last 0.25M scale,
+    32x32): MLX peak memory above the decoder's own weights, in one evaluation."""
+    import time
+
+    from vargpt_mlx.loading import load_model
+
+    vae = load_model(path, dtype=dtype).vae_local
+    mx.eval(vae.decoder.parameters())
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    z = 0.2 * mx.random.normal((1, 32, 32, vae.decoder.conv_in.conv.weight.shape[-1]), key=mx.random.key(0))
+    t0 = time.perf_counter()
+    mx.eval(vae.decode(z.astype(dtype)))
+    print(f"VAE decode 512x512: {time.perf_counter() - t0:.1f} s, decoder weights {base / GiB:.2f} GiB, "
+          f"transient {(mx.get_peak_memory() - base) / GiB:.2f} GiB above them")
 
 
 if __name__ == "__main__":

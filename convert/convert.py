@@ -42,7 +42,7 @@ import numpy as np
 from vargpt_mlx.config import VARGPTConfig
 from vargpt_mlx.hub import resolve_model_path
 from vargpt_mlx.loading import CheckpointError, check_weights, load_config, load_raw_weights, weight_files
-from vargpt_mlx.models.vargpt import VARGPT, sanitize
+from vargpt_mlx.models.vargpt import VARGPT, sanitize, sos_row
 from vargpt_mlx.tokenizer import TOKENIZER_FILES, TokenizerError, check_token_ids, load_tokenizer
 from vargpt_mlx.files import check_output_dir as check_output_dir_writable
 
@@ -295,6 +295,7 @@ def plan_conversion(source: str | Path, *, dtype: mx.Dtype | str | None = None, 
         weights, dropped = sanitize(raw)
     else:
         weights, dropped = raw, []
+    weights = sos_row(weights, config)
     del raw
     outputs, quantized = build_outputs(config, weights, dtype=dtype, quant=quant)
     del weights

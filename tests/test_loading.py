@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from tests.conftest import CKPT, CKPT_BF16, FIXTURES
 from vargpt_mlx.config import VARGPTConfig
 from vargpt_mlx.loading import CheckpointError, check_weights, load_model, load_raw_weights
-from vargpt_mlx.models.vargpt import VARGPT, sanitize
+from vargpt_mlx.models.vargpt import VARGPT, sanitize, sos_row
 
 DTYPES = {"F32": mx.float32, "float32": mx.float32, "BF16": mx.bfloat16, "bfloat16": mx.bfloat16,
           "I64": mx.int64, "int64": mx.int64}
@@ -56,18 +56,47 @@ def test_full_size_key_map_accepts_exactly_the_real_checkpoint_layout():
     fake = {e["name"]: mx.zeros(e["shape"], DTYPES[e["dtype"]]) for e in info["keys"]}  # lazy
     assert len(fake) == info["num_keys"] == 1706
     mapped, dropped = sanitize(fake)
+    mapped = sos_row(mapped, cfg)  # the one sos_embedding row upstream reads
     check_weights(model, mapped)  # raises naming any missing / unexpected / mis-shaped key
     assert all(any(d in k for d in DEAD) for k in dropped), [k for k in dropped if not any(d in k for d in DEAD)]
     assert len(dropped) == sum(any(d in k for d in DEAD) for k in fake)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_dropped = sum(fake[k].size for k in dropped)
-    assert n_params + n_dropped == info["num_elements"]
+    sos_rows_left = fake["sos_embedding.weight"].size - mapped["sos_embedding.weight"].size
+    assert mapped["sos_embedding.weight"].shape == (1, 2048) and sos_rows_left == 151657 * 2048
+    assert n_params + n_dropped + sos_rows_left == info["num_elements"]
 
 
 def test_tiny_checkpoint_loads_every_key(raw_weights, config):
     mapped, dropped = sanitize(dict(raw_weights))
-    check_weights(VARGPT(config), mapped)
+    check_weights(VARGPT(config), sos_row(mapped, config))
     assert len(mapped) + len(dropped) == len(raw_weights) == keys_json()["tiny"]["num_keys"]
+
+
+def test_sos_embedding_keeps_the_row_upstream_reads(tmp_path, raw_weights, config):
+    """Upstream's table has image_gen_start_token_id + 1 rows and reads only image_gen_start's: the
+    model keeps that row, from an upstream checkpoint and from a directory that still has the whole
+    table; a save of the loaded model loads back; a table of any other row count is named."""
+    table = raw_weights["sos_embedding.weight"]
+    sid = config.tokens.image_gen_start_token_id
+    assert table.shape[0] == sid + 1
+    m = load_model(CKPT, dtype=mx.float32)
+    assert m.sos_embedding.weight.shape == (1, table.shape[1])
+    assert mx.array_equal(m.sos_embedding.weight[0], table[sid]).item()
+    assert mx.array_equal(m.sos_rows()[0], table[sid]).item()
+    d = tmp_path / "saved"
+    shutil.copytree(CKPT, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "format": "mlx"}))  # this port's layout: no sanitize
+    mapped, _ = sanitize(dict(raw_weights))
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(m.parameters())))
+    m2 = load_model(d, dtype=mx.float32)
+    assert mx.array_equal(m2.sos_embedding.weight, m.sos_embedding.weight).item()
+    mx.save_safetensors(str(d / "model.safetensors"), mapped)  # an older directory: whole table kept
+    assert mx.array_equal(load_model(d, dtype=mx.float32).sos_embedding.weight[0], table[sid]).item()
+    mx.save_safetensors(str(d / "model.safetensors"), {**mapped, "sos_embedding.weight": table[:-1]})
+    with pytest.raises(CheckpointError, match=r"sos_embedding\.weight has shape"):
+        load_model(d)
 
 
 def test_bf16_checkpoint_loads():

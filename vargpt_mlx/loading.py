@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, VARGPTConfig
-from .models.vargpt import VARGPT, sanitize
+from .models.vargpt import VARGPT, sanitize, sos_row
 from .errors import InputError
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
@@ -126,6 +126,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> VARGPT:
                         class_predicate=lambda p, m: f"{p}.scales" in weights)
     else:
         weights, _ = sanitize(weights)
+    weights = sos_row(weights, config)
     check_weights(model, weights)
     weights = cast_floats(weights, dtype or default_dtype())
     model.load_weights(list(weights.items()), strict=True)

@@ -8,7 +8,7 @@ attribute / key prefix     part                                        file
 ``lm_head``                untied LM head (Linear, no bias)            here
 ``vargpt_gen``             Infinity next-scale visual decoder          ``models/infinity.py``
 ``vae_local``              BSQ VAE (+ multi-scale bit quantizer)       ``models/vae.py``, ``models/bsq.py``
-``sos_embedding``          start-of-image embedding (one row used)     here
+``sos_embedding``          start-of-image embedding (the one row used) here
 ``image_gen_projector``    Infinity width -> LLM hidden                ``models/projectors.py``
 ``image_gen_projector_out`` LLM hidden -> Infinity width               ``models/projectors.py``
 =========================  ==========================================  =======================
@@ -53,15 +53,16 @@ class VARGPT(nn.Module):
         self.lm_head = nn.Linear(H, config.llm.vocab_size, bias=False)
         self.vargpt_gen = infinity_mod.Infinity(config.infinity)
         self.vae_local = vae_mod.BSQVAE(config.vae)
-        self.sos_embedding = nn.Embedding(config.tokens.image_gen_start_token_id + 1, C)
+        # upstream's table has image_gen_start_token_id + 1 rows and only ever reads the last one
+        # (``get_sos_word_embeddings`` looks up image_gen_start): this keeps that row (``sos_row``)
+        self.sos_embedding = nn.Embedding(1, C)
         self.image_gen_projector = projectors_mod.GenProjector(C, C, H)
         self.image_gen_projector_out = projectors_mod.GenProjector(H, H, C)
 
     # ------------------------------------------------------------------ helpers
     def sos_rows(self) -> mx.array:
         """``[sos_embedding[image_gen_start]; cfg_uncond[0]]``: the (cond, uncond) start rows."""
-        sid = self.config.tokens.image_gen_start_token_id
-        return mx.stack([self.sos_embedding.weight[sid], self.vargpt_gen.cfg_uncond[0]])
+        return mx.stack([self.sos_embedding.weight[0], self.vargpt_gen.cfg_uncond[0]])
 
     def rope_index(self, input_ids, image_grid_thw=None):
         """M-RoPE positions (3, B, L) and deltas of ``input_ids`` (numpy) with this model's token ids
@@ -108,6 +109,19 @@ def sanitize(weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], list[st
     out.update(rest)
     return out, dropped
 
+
+
+def sos_row(weights: dict[str, mx.array], config: VARGPTConfig) -> dict[str, mx.array]:
+    """Keep the one row of ``sos_embedding.weight`` that upstream reads (``image_gen_start``, its
+    last row): the real table is 151,658 x 2048 (0.58 GiB bf16) for one 4 KiB row. A table that
+    already has one row (this port's own directories) passes; any other row count is left for the
+    shape check to name."""
+    key = "sos_embedding.weight"
+    t = weights.get(key)
+    if t is not None and t.ndim == 2 and t.shape[0] == config.tokens.image_gen_start_token_id + 1 > 1:
+        weights = dict(weights)
+        weights[key] = t[-1:]
+    return weights
 
 
 def scatter_rows(embeds: mx.array, mask: mx.array, rows: mx.array) -> mx.array:

@@ -193,7 +193,7 @@ def gen_forward(model: VARGPT, input_ids: mx.array, x_wo_prefix: mx.array, sched
     inf = model.vargpt_gen
     ids_np = np.asarray(input_ids)
     sid = tok.image_gen_start_token_id
-    cond_BD = inf.condition(model.sos_embedding(mx.array([sid])))  # works for a quantized table too
+    cond_BD = inf.condition(model.sos_embedding(mx.array([0])))  # image_gen_start's row (``sos_row``)
     x_BLC = mx.concatenate([inf.sos_tokens(cond_BD), inf.word_embed(x_wo_prefix.astype(cond_BD.dtype))], axis=1)
     pad_mask = ids_np == tok.image_gen_pad_token_id
     n_pad = int(pad_mask.sum())
