@@ -272,3 +272,19 @@ def test_conv_fast_path_gradients_equal_autodiff_of_the_plain_conv(shape):
         got = _grads(lambda *a: (fast(*a) * g).sum(), (x, w, b))
         ref = _grads(lambda *a: (plain(*a) * g).sum(), (x, w, b))
         _close(got, ref, terms=B * H * W * 4)  # weight gradients sum over every (upsampled) pixel
+
+
+def test_groupnorm_silu_in_runs_equals_one_pass(monkeypatch):
+    """Large activations run GroupNorm's affine + SiLU in runs of positions (memory); every value
+    takes the same operations, so the result is bit-identical to one pass, with runs that do not
+    divide the positions and with a batch of 2."""
+    from vargpt_mlx.models import vae as vae_mod
+
+    norm = vae_mod.Normalize(96)
+    norm.norm.weight = mx.random.normal((96,), key=mx.random.key(1))
+    norm.norm.bias = mx.random.normal((96,), key=mx.random.key(2))
+    x = 3 * mx.random.normal((2, 37, 23, 96), key=mx.random.key(3))
+    monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1 << 40)
+    one = norm(x, silu=True)
+    monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1000)  # 5 positions per run: 171 runs
+    assert mx.array_equal(norm(x, silu=True), one).item()
