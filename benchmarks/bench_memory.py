@@ -87,11 +87,12 @@ def vae_decode(path: str, dtype) -> None:
 
     from vargpt_mlx.loading import load_model
 
-    vae = load_model(path, dtype=dtype).vae_local
+    model = load_model(path, dtype=dtype)
+    vae, d = model.vae_local, model.config.vae.codebook_dim
     mx.eval(vae.decoder.parameters())
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    z = 0.2 * mx.random.normal((1, 32, 32, vae.decoder.conv_in.conv.weight.shape[-1]), key=mx.random.key(0))
+    z = 0.2 * mx.random.normal((1, 32, 32, d), key=mx.random.key(0))
     t0 = time.perf_counter()
     mx.eval(vae.decode(z.astype(dtype)))
     print(f"VAE decode 512x512: {time.perf_counter() - t0:.1f} s, decoder weights {base / GiB:.2f} GiB, "

@@ -54,7 +54,8 @@ class VARGPT(nn.Module):
         self.vargpt_gen = infinity_mod.Infinity(config.infinity)
         self.vae_local = vae_mod.BSQVAE(config.vae)
         # upstream's table has image_gen_start_token_id + 1 rows and only ever reads the last one
-        # (``get_sos_word_embeddings`` looks up image_gen_start): this keeps that row (``sos_row``)
+        # (modeling_vargpt_qwen2_vl.py ``get_sos_word_embeddings`` looks up image_gen_start): this
+        # keeps that row (``sos_row``)
         self.sos_embedding = nn.Embedding(1, C)
         self.image_gen_projector = projectors_mod.GenProjector(C, C, H)
         self.image_gen_projector_out = projectors_mod.GenProjector(H, H, C)
@@ -116,12 +117,11 @@ def sos_row(weights: dict[str, mx.array], config: VARGPTConfig) -> dict[str, mx.
     last row): the real table is 151,658 x 2048 (0.58 GiB bf16) for one 4 KiB row. A table that
     already has one row (this port's own directories) passes; any other row count is left for the
     shape check to name."""
-    key = "sos_embedding.weight"
+    key, rows = "sos_embedding.weight", config.tokens.image_gen_start_token_id + 1
     t = weights.get(key)
-    if t is not None and t.ndim == 2 and t.shape[0] == config.tokens.image_gen_start_token_id + 1 > 1:
-        weights = dict(weights)
-        weights[key] = t[-1:]
-    return weights
+    if t is None or rows == 1 or t.shape[0] != rows:
+        return weights
+    return {**weights, key: t[-1:]}
 
 
 def scatter_rows(embeds: mx.array, mask: mx.array, rows: mx.array) -> mx.array:
