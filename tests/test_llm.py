@@ -241,3 +241,37 @@ def test_cpu_attention_equals_mlx(mask, chunk_scores, monkeypatch):
     g_want = mx.grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_fast, g_want):  # the same argument, scaled by the gradients' size
         assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(b).max()))
+
+
+def test_polynomial_exp_floor_by_truncation():
+    """``activations._exp`` takes floor(t log2 e + 1/2) by truncation with a correction below zero
+    (a vector floor does not exist in the SSE2 kernels MLX compiles on x86-64): the same n as
+    ``mx.floor`` for every value, including negative halves and integers, so the same result bit
+    for bit; and within 4 float32 ulps (4 * 2**-23 relative) of float64 exp: the degree-7 Taylor
+    remainder on |r| <= ln2/2 is < 5e-9, the rest is the rounding of ~12 float32 operations."""
+    import math
+
+    import numpy as np
+
+    from vargpt_mlx.models import activations as A
+
+    def exp_with_floor(t):
+        big, small = t > 88.0, t < -87.0
+        t = mx.clip(t, -87.0, 88.0)
+        n = mx.floor(t * A._LOG2E + 0.5)
+        r = (t - n * A._LN2_HI) - n * A._LN2_LO
+        p = r * (1 / 5040) + A._TAYLOR[0]
+        for c in A._TAYLOR[1:]:
+            p = p * r + c
+        scale = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+        return mx.where(big, mx.array(math.inf, mx.float32), mx.where(small, mx.array(0.0, mx.float32), p * scale))
+
+    halves = (np.arange(-260, 260, dtype=np.float64) - 0.5) / A._LOG2E  # t log2 e + 1/2 near integers
+    t = np.concatenate([np.linspace(-90, 90, 200_001), halves, np.nextafter(halves, 0), [0.0, -0.0, 88.0, -87.0]])
+    x = mx.array(t.astype(np.float32))
+    got = np.array(mx.compile(A._exp)(x))
+    assert np.array_equal(got, np.array(mx.compile(exp_with_floor)(x)))
+    ok = (t > -87) & (t < 88)
+    ref = np.exp(t.astype(np.float32).astype(np.float64))[ok]
+    assert np.max(np.abs(got[ok] - ref) / ref) <= 4 * 2.0**-23
+    assert np.all(got[t.astype(np.float32) > 88] == np.inf) and np.all(got[t.astype(np.float32) < -87] == 0)

@@ -288,3 +288,20 @@ def test_groupnorm_silu_in_runs_equals_one_pass(monkeypatch):
     one = norm(x, silu=True)
     monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1000)  # 5 positions per run: 171 runs
     assert mx.array_equal(norm(x, silu=True), one).item()
+
+
+def test_cpu_allocator_settings_apply_once_and_opt_out():
+    """Importing the models applies the glibc settings on Linux with the CPU backend (freed
+    buffers reused instead of page-faulted back; ``vargpt_mlx.cpu_allocator``);
+    ``VARGPT_MLX_NO_MALLOC_TUNING=1`` leaves malloc alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import vargpt_mlx.models, vargpt_mlx.cpu_allocator as c; print(c._done)"
+    env = {k: v for k, v in os.environ.items() if k != "VARGPT_MLX_NO_MALLOC_TUNING"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env=dict(env, VARGPT_MLX_NO_MALLOC_TUNING="1"),
+                         capture_output=True, text=True, check=True)
+    expected = sys.platform == "linux" and mx.default_device() == mx.cpu
+    assert on.stdout.strip() == str(expected) and off.stdout.strip() == "False"

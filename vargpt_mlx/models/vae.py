@@ -194,15 +194,23 @@ class Normalize(nn.Module):
         """GroupNorm of ``x``; with ``silu`` also the swish that follows every VAE norm (fused)."""
         *lead, C = x.shape
         B, G = x.shape[0], self.norm.num_groups
-        xf = x.astype(mx.float32).reshape(B, -1, G, C // G)  # (B, positions, groups, channels/group)
-        n = xf.shape[1] * xf.shape[3]
-        mean = _blocked_sum(xf.sum(axis=3, keepdims=True), axis=1) / n
+        # Statistics per channel over the positions (a reduction across rows, contiguous along C),
+        # then per group over its C/G channels: a (positions, groups, C/G) layout with 1-4 channels
+        # innermost made every elementwise op and reduction a short strided loop (measured at
+        # 512x512 x 64 channels: the centring alone 36 ms against 3 ms per value-equal pass).
+        xf = x.astype(mx.float32).reshape(B, -1, C)
+        n = xf.shape[1] * (C // G)
+
+        def per_group(t):  # (B, 1, C) channel sums -> (B, 1, C): its group's sum on every channel
+            g = t.reshape(B, 1, G, C // G).sum(axis=3, keepdims=True)
+            return mx.broadcast_to(g, (B, 1, G, C // G)).reshape(B, 1, C)
+
+        mean = per_group(_blocked_sum(xf, axis=1)) / n
         xc = xf - mean
-        var = _blocked_sum((xc * xc).sum(axis=3, keepdims=True), axis=1) / n
+        var = per_group(_blocked_sum(xc * xc, axis=1)) / n
         inv = mx.rsqrt(var + self.norm.eps)
         if silu and x.dtype == mx.float32 and mx.default_device() == mx.cpu:
-            return _affine_silu_chunks(xc, inv, self.norm.weight.reshape(G, C // G),
-                                       self.norm.bias.reshape(G, C // G)).reshape(*lead, C)
+            return _affine_silu_chunks(xc, inv, self.norm.weight, self.norm.bias).reshape(*lead, C)
         y = (xc * inv).reshape(*lead, C)
         y = (y * self.norm.weight + self.norm.bias).astype(x.dtype)
         return activations.silu(y) if silu else y
@@ -223,9 +231,9 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def _affine_silu_chunks(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """``_affine_silu`` over (B, positions, G, C/G) in runs of positions (one run at a time)."""
-    B, n, G, k = xc.shape
-    rows = max(1, _CHUNK_ELEMENTS // (B * G * k))
+    """``_affine_silu`` over (B, positions, C) in runs of positions (one run at a time)."""
+    B, n, C = xc.shape
+    rows = max(1, _CHUNK_ELEMENTS // (B * C))
     if n <= rows:
         return _affine_silu(xc, inv, weight, bias)
     outs: list[mx.array] = []
