@@ -236,12 +236,14 @@ def _affine_silu_chunks(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.
     rows = max(1, _CHUNK_ELEMENTS // (B * C))
     if n <= rows:
         return _affine_silu(xc, inv, weight, bias)
+    streams = activations.cpu_streams()  # runs alternate between two CPU streams: both cores
     outs: list[mx.array] = []
-    for s in range(0, n, rows):
-        part = xc[:, s:s + rows]
-        if outs:  # after the previous run, so that only one run's temporaries exist at a time
-            part = mx.depends(part, outs[-1])
-        outs.append(_affine_silu(part, inv, weight, bias))
+    for i, s in enumerate(range(0, n, rows)):
+        with mx.stream(streams[i % 2]):
+            part = xc[:, s:s + rows]
+            if i >= 2:  # after this stream's previous run: one run's temporaries per stream
+                part = mx.depends(part, outs[i - 2])
+            outs.append(_affine_silu(part, inv, weight, bias))
     return mx.concatenate(outs, axis=1)
 
 
