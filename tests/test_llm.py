@@ -275,3 +275,25 @@ def test_polynomial_exp_floor_by_truncation():
     ref = np.exp(t.astype(np.float32).astype(np.float64))[ok]
     assert np.max(np.abs(got[ok] - ref) / ref) <= 4 * 2.0**-23
     assert np.all(got[t.astype(np.float32) > 88] == np.inf) and np.all(got[t.astype(np.float32) < -87] == 0)
+
+
+def test_cpu_attention_in_another_thread(monkeypatch):
+    """The two-stream CPU attention works from any thread (MLX streams belong to the thread that
+    made them; the server runs the model in a worker thread after others have run it)."""
+    import threading
+
+    from vargpt_mlx.models import activations as A
+
+    monkeypatch.setattr(A, "_CHUNK_SCORES", 2048)  # 16-row chunks: the two-stream path
+    q, k, v = mx.random.normal((1, 2, 64, 8)), mx.random.normal((1, 2, 300, 8)), mx.random.normal((1, 2, 300, 8))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3)
+    bound = 1e-5 * float(mx.abs(v).max())
+    errors = [float(mx.abs(A.sdpa(q, k, v, scale=0.3) - want).max())]  # this thread's streams first
+
+    def work():  # evaluated in the worker (an array belongs to the thread whose stream made it)
+        errors.append(float(mx.abs(A.sdpa(q, k, v, scale=0.3) - want).max()))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert len(errors) == 2 and max(errors) <= bound, errors

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -236,13 +237,14 @@ class _Parallel:
     where evaluation is not allowed (inside ``mx.compile`` / ``mx.vmap``: their tracers raise)."""
 
     def __init__(self):
-        self._streams = None
+        self._local = threading.local()  # MLX streams belong to the thread that made them
         self._blas = None
 
     def streams(self) -> list:
-        if self._streams is None:
-            self._streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
-        return self._streams
+        streams = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+        return streams
 
     def usable(self, *arrays) -> bool:
         try:
