@@ -21,6 +21,8 @@ polynomial is not meant for bfloat16).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import threading
 
@@ -183,7 +185,7 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
     may have fewer heads (GQA).
 
     Outside function transformations the chunks run on two CPU streams, i.e. on both cores (see
-    ``_parallel``), and the result is evaluated here."""
+    ``cpu_streams``), and the result is evaluated here."""
     B, H, L, D = q.shape
     S, Hk = k.shape[2], k.shape[1]
     if hasattr(cache, "bits") or not _fast(q) or L * S < 4096:
@@ -217,69 +219,58 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
                 outs.append(_softmax_f32(sc) @ v)
         return mx.concatenate(outs, axis=3).reshape(B, H, L, D)
 
-    if L <= rows or not _parallel.usable(q, k, v, m):
+    if L <= rows or not _can_eval(q, k, v, m):
         return chunks([mx.default_stream(mx.cpu)])
-    with _parallel.one_blas_thread():
-        out = chunks(_parallel.streams())
+    with _one_blas_thread():
+        out = chunks(cpu_streams())
         mx.eval(out)
     return out
 
 
-class _Parallel:
-    """Both cores for work MLX's CPU backend runs on one: elementwise kernels (the softmax's
-    ``exp``) run on the calling stream's single thread, and only the BLAS matmuls use a second
-    core. Alternating query chunks between two CPU streams, each with a one-thread BLAS (OpenBLAS
-    set to one thread for that evaluation, then restored), keeps both cores busy with chunks of
-    their own: measured on (2, 16, 1024, 64) x 2521 keys, 518-618 ms -> 327 ms; with a two-thread
-    BLAS the two streams gained nothing (the BLAS threads and the other stream's softmax contend).
-
-    Needs evaluating inside ``sdpa`` (the BLAS thread count is process-wide), so it is skipped
-    where evaluation is not allowed (inside ``mx.compile`` / ``mx.vmap``: their tracers raise)."""
-
-    def __init__(self):
-        self._local = threading.local()  # MLX streams belong to the thread that made them
-        self._blas = None
-
-    def streams(self) -> list:
-        streams = getattr(self._local, "streams", None)
-        if streams is None:
-            streams = self._local.streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
-        return streams
-
-    def usable(self, *arrays) -> bool:
-        try:
-            mx.eval([a for a in arrays if a is not None])
-        except ValueError:  # a compile / vmap tracer
-            return False
-        return True
-
-    def _blas_api(self):
-        if self._blas is None:
-            import ctypes
-
-            try:
-                lib = ctypes.CDLL(None)
-                self._blas = (lib.openblas_get_num_threads, lib.openblas_set_num_threads)
-            except (OSError, AttributeError):  # no OpenBLAS in the process (its threads are not ours to set)
-                self._blas = ()
-        return self._blas
-
-    @contextlib.contextmanager
-    def one_blas_thread(self):
-        api = self._blas_api()
-        n = api[0]() if api else 1
-        if n > 1:
-            api[1](1)
-        try:
-            yield
-        finally:
-            if n > 1:
-                api[1](n)
-
-
-_parallel = _Parallel()
+# Both cores for work MLX's CPU backend runs on one: elementwise kernels (the softmax's ``exp``) run
+# on the calling stream's single thread, and only the BLAS matmuls use a second core. Alternating
+# query chunks between two CPU streams, each with a one-thread BLAS (OpenBLAS set to one thread for
+# that evaluation, then restored), keeps both cores busy with chunks of their own: measured on
+# (2, 16, 1024, 64) x 2521 keys, 518-618 ms -> 327 ms; with a two-thread BLAS the two streams gained
+# nothing (the BLAS threads and the other stream's softmax contend). The BLAS thread count is
+# process-wide, so ``sdpa`` evaluates its result itself, which is not allowed inside ``mx.compile``
+# / ``mx.vmap`` (their tracers raise): there it keeps to one stream.
+_local = threading.local()  # MLX streams belong to the thread that made them
 
 
 def cpu_streams() -> list:
-    """Two CPU streams (each runs its kernels on a thread of its own) for splitting elementwise work."""
-    return _parallel.streams()
+    """This thread's two CPU streams (each runs its kernels on a thread of its own)."""
+    if not hasattr(_local, "streams"):
+        _local.streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    return _local.streams
+
+
+def _can_eval(*arrays) -> bool:
+    try:
+        mx.eval([a for a in arrays if a is not None])
+    except ValueError:  # a compile / vmap tracer
+        return False
+    return True
+
+
+@functools.cache
+def _openblas_threads() -> tuple:
+    """(get, set) of OpenBLAS's thread count, or () with no OpenBLAS in the process."""
+    try:
+        lib = ctypes.CDLL(None)
+        return lib.openblas_get_num_threads, lib.openblas_set_num_threads
+    except (OSError, AttributeError):
+        return ()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    api = _openblas_threads()
+    n = api[0]() if api else 1
+    if n > 1:
+        api[1](1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            api[1](n)

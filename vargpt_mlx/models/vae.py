@@ -225,24 +225,25 @@ def _affine_silu(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) 
 # MLX fuses at most 11 operations deep, so the polynomial SiLU runs as several kernels whose
 # full-size intermediates all exist at once: 1.5 GiB of temporaries for a 256 MiB activation
 # (measured: GroupNorm + SiLU of one full-size decoder activation at 512x512 x 256 channels,
-# 2.37 GiB). Runs of about _CHUNK_ELEMENTS values, evaluated one after the other, bound them by
-# the chunk; every value goes through the same operations, so the result is unchanged.
+# 2.37 GiB). Runs of about _CHUNK_ELEMENTS values, one at a time on each of two CPU streams (both
+# cores: MLX runs elementwise kernels on one thread per stream), bound them by two runs; every
+# value goes through the same operations, so the result is unchanged.
 _CHUNK_ELEMENTS = 1 << 22
 
 
 def _affine_silu_chunks(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """``_affine_silu`` over (B, positions, C) in runs of positions (one run at a time)."""
+    """``_affine_silu`` over (B, positions, C) in runs of positions (one per stream at a time)."""
     B, n, C = xc.shape
     rows = max(1, _CHUNK_ELEMENTS // (B * C))
     if n <= rows:
         return _affine_silu(xc, inv, weight, bias)
-    streams = activations.cpu_streams()  # runs alternate between two CPU streams: both cores
+    streams = activations.cpu_streams()
     outs: list[mx.array] = []
     for i, s in enumerate(range(0, n, rows)):
-        with mx.stream(streams[i % 2]):
+        with mx.stream(streams[i % len(streams)]):
             part = xc[:, s:s + rows]
-            if i >= 2:  # after this stream's previous run: one run's temporaries per stream
-                part = mx.depends(part, outs[i - 2])
+            if i >= len(streams):  # after this stream's previous run: one run's temporaries per stream
+                part = mx.depends(part, outs[i - len(streams)])
             outs.append(_affine_silu(part, inv, weight, bias))
     return mx.concatenate(outs, axis=1)
 
