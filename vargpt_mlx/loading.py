@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, VARGPTConfig
+from .models import quantized
 from .models.vargpt import VARGPT, sanitize, sos_row
 from .errors import InputError
 
@@ -122,8 +123,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> VARGPT:
     weights = load_raw_weights(path)
     if raw_cfg.get("format") == "mlx":
         if q := raw_cfg.get("quantization"):
-            nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                        class_predicate=lambda p, m: f"{p}.scales" in weights)
+            quantized.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                               class_predicate=lambda p, m: f"{p}.scales" in weights)
     else:
         weights, _ = sanitize(weights)
     weights = sos_row(weights, config)

@@ -1,0 +1,92 @@
+"""``models/quantized.py``: on the CPU, quantized linears with many rows dequantize and use the BLAS;
+the function is the one ``quantized_matmul`` computes."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from vargpt_mlx.models import quantized
+
+
+def _layer(k: int, n: int, bits: int, bias: bool) -> nn.QuantizedLinear:
+    mx.random.seed(0)
+    lin = nn.Linear(k, n, bias=bias)
+    if bias:
+        lin.bias = mx.random.normal((n,))
+    return quantized.use_cpu_path(nn.QuantizedLinear.from_linear(lin, group_size=32, bits=bits))
+
+
+def _bound(x: mx.array, q: nn.QuantizedLinear) -> np.ndarray:
+    """Both results are float32 sums of the same K products x_i * w_i in different orders; each is
+    within gamma_K * sum_i |x_i w_i| of the exact sum (gamma_K = K eps / (1 - K eps), the standard
+    bound for recursive summation, which also covers blocked and pairwise orders), so they are
+    within twice that of each other. The product and the bias add contribute one more rounding."""
+    w = np.asarray(mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits), np.float64)
+    k, eps = w.shape[1], np.finfo(np.float32).eps / 2
+    gamma = k * eps / (1 - k * eps)
+    mag = np.abs(np.asarray(x, np.float64)) @ np.abs(w).T
+    return 2 * (gamma + eps) * mag + 4 * eps * (np.abs(np.asarray(q["bias"])) if "bias" in q else 0)
+
+
+@pytest.mark.parametrize("bits,bias", [(4, False), (8, True)])
+def test_many_rows_same_function_as_quantized_matmul(bits, bias, monkeypatch):
+    q = _layer(96, 80, bits, bias)
+    x = mx.random.normal((3, 5, 96))  # 15 rows >= MIN_ROWS
+    calls = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with mx.stream(mx.cpu):
+        y = q(x)
+    assert not calls, "15 rows on the CPU should take the dequantize + BLAS path"
+    ref = nn.QuantizedLinear.__call__(q, x)
+    assert calls
+    assert y.shape == ref.shape == (3, 5, 80)
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(ref, np.float64))
+    assert (err <= _bound(x, q)).all(), err.max()
+
+
+def test_few_rows_keep_quantized_matmul(monkeypatch):
+    q = _layer(64, 48, 4, False)
+    calls = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = mx.random.normal((1, quantized.MIN_ROWS - 1, 64))
+    with mx.stream(mx.cpu):
+        y = q(x)
+    assert len(calls) == 1
+    assert np.array_equal(np.asarray(y), np.asarray(nn.QuantizedLinear.__call__(q, x)))
+
+
+def test_pieces_bound_the_dequantized_transient(monkeypatch):
+    """With CHUNK at 1/4 of the weight, the output is put together from 4 pieces of whole output
+    features, each computed exactly as the single-piece path computes those features."""
+    q = _layer(64, 40, 4, True)
+    x = mx.random.normal((12, 64))
+    with mx.stream(mx.cpu):
+        whole = q(x)
+        monkeypatch.setattr(quantized, "CHUNK", 64 * 10)
+        seen = []
+        real = mx.dequantize
+        monkeypatch.setattr(mx, "dequantize", lambda w, *a, **k: seen.append(w.shape[0]) or real(w, *a, **k))
+        pieces = q(x)
+    assert seen == [10, 10, 10, 10]
+    err = np.abs(np.asarray(pieces, np.float64) - np.asarray(whole, np.float64))
+    assert (err <= _bound(x, q)).all(), err.max()
+
+
+def test_loaded_quantized_model_uses_the_cpu_path(tmp_path):
+    """``load_model`` of a quantized directory gives the CPU path to every quantized linear, and
+    they are still ``nn.QuantizedLinear`` (LoRA, fuse and the key layout rely on that)."""
+    from vargpt_mlx.convert.convert import QuantSpec, quantize_checkpoint
+    from vargpt_mlx.loading import load_model
+    from vargpt_mlx.hub import NANO_DIR
+
+    quantize_checkpoint(NANO_DIR, tmp_path / "q", quant=QuantSpec(bits=4, group_size=32), force=True)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 4
+    layers = [m for _, m in load_model(tmp_path / "q").named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(type(m) is quantized.QuantizedLinear for m in layers)
