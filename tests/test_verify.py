@@ -350,3 +350,85 @@ def test_reference_near_tie_decided_the_other_way_passes(port, bundle):
     got = _results(port, _mutated(bundle, {"gen.s6.bits": _flip_least_confident_bit(lg[:, 1] - lg[:, 0])}), "generation")
     assert got["gen.s6.bits"].ok and got["gen.s6.bits"].note.startswith("1 of 8192 bits differ"), got["gen.s6.bits"]
     assert got["gen.free_running"].ok  # a flip at a reference near-tie ends the free-running comparison there
+
+
+# ---------------------------------------------------------------- the condition's bf16 ties
+def _pool_tie_model(j: int):
+    """The fixture model with ``v_bias[j]`` moved so that the cond row's v lands on a bfloat16
+    rounding midpoint (a tie), and the pieces the tests need: (model, v of both rows, rows(out))."""
+    import mlx.core as mx
+
+    from vargpt_mlx.loading import load_model
+    from vargpt_mlx.models.infinity import CrossMemory
+
+    m = load_model(CKPT)
+    inf = m.vargpt_gen
+    ca = inf.text_proj_for_sos.ca
+
+    def v_rows():
+        _, v = ca.keys_values(CrossMemory(inf.text_norm(m.sos_rows())[:, None]))
+        return np.array(v.transpose(0, 2, 1, 3).reshape(2, -1))
+
+    v = v_rows()
+    mid = ((v.view(np.uint32) & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)
+    bias = np.array(ca.v_bias)
+    bias[j] += mid[0, j] - v[0, j]
+    ca.v_bias = mx.array(bias)
+
+    def rows(out):
+        return np.array(ca.proj(mx.array(out).reshape(2, 1, -1))[:, 0])
+
+    return m, v_rows(), rows
+
+
+def _bf16_neighbours(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low = (v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    return low, (low.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+
+
+def test_pool_tie_rounded_the_other_way_is_resolved(bundle):
+    """The CI case (VARGPT_LIVE_SEED=296672): the reference rounded one of text_proj_for_sos's v
+    values, within a float32 error of a bf16 midpoint, to the other neighbour, which moves its whole
+    cond_BD row by ~1e-3. The verifier rounds that tie as the reference did, and every check sees
+    the resolved rows through ``Infinity.condition`` while it runs (and only then)."""
+    import mlx.core as mx
+
+    from vargpt_mlx.verify import _condition_rows
+
+    j = 5
+    m, v, rows = _pool_tie_model(j)
+    low, high = _bf16_neighbours(v)
+    port_round = np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32))
+    ref_out = port_round.copy()
+    ref_out[0, j] = high[0, j] if port_round[0, j] == low[0, j] else low[0, j]
+    ref = rows(ref_out)
+    own = np.array(m.vargpt_gen.condition(m.sos_rows()))
+    assert np.abs(own - ref).max() > 1e-4  # what the CI run saw: the whole row off, far beyond float32 noise
+    verifier = Verifier(m, _mutated(bundle, {"gen.cond_BD": lambda a: ref.reshape(a.shape)}), "fp32")
+    pool = verifier.pool_rounding()
+    assert pool.ok and "1 rounded the other way" in pool.note and f"(0, {j})" in pool.note, pool.note
+    assert np.array_equal(np.array(pool.rows_out), ref)
+    assert verifier.cmp("gen.cond_BD", pool.rows_out).ok
+    with _condition_rows(m.vargpt_gen, pool):
+        assert np.array_equal(np.array(m.vargpt_gen.condition(m.sos_rows())), ref)
+        # training's sos row alone (training/losses.py) gets the resolved cond row too
+        assert np.array_equal(np.array(m.vargpt_gen.condition(m.sos_embedding(mx.array([0])))), ref[:1])
+    assert np.array_equal(np.array(m.vargpt_gen.condition(m.sos_rows())), own)
+
+
+def test_pool_rounding_away_from_a_tie_fails(bundle):
+    """The same flip at the element farthest from a bf16 midpoint is no tie: it is not resolved, and
+    gen.cond_BD fails."""
+    import mlx.core as mx
+
+    m, v, rows = _pool_tie_model(5)
+    low, high = _bf16_neighbours(v)
+    mid = ((v.view(np.uint32) & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)
+    far = int(np.argmax(np.abs(v[0] - mid[0]) / np.spacing(np.abs(v[0]))))
+    port_round = np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32))
+    ref_out = port_round.copy()
+    ref_out[0, far] = high[0, far] if port_round[0, far] == low[0, far] else low[0, far]
+    verifier = Verifier(m, _mutated(bundle, {"gen.cond_BD": lambda a: rows(ref_out).reshape(a.shape)}), "fp32")
+    pool = verifier.pool_rounding()
+    assert "0 rounded the other way" in pool.note, pool.note
+    assert not verifier.cmp("gen.cond_BD", pool.rows_out).ok

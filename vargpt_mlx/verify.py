@@ -12,11 +12,15 @@ folder. Only reference tensors present in the given file are compared, each unde
   bits (generation per scale, VAE teacher inputs and codes, decoded images, the text-to-image
   training logits and losses) is computed from the reference's bits;
 * image generation is also run free (argmax, no teacher): its bits must equal the reference's
-  until the first scale where a bit differs, and there only at reference near-ties.
+  until the first scale where a bit differs, and there only at reference near-ties;
+* the generation condition's bfloat16 ties (``text_proj_for_sos``) are rounded as the reference's
+  ``gen.cond_BD`` shows, at most ``MAX_POOL_FLIPS`` of them, and every check runs on those rows
+  (``Verifier.pool_rounding``; the reasoning is in tolerances.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -30,12 +34,14 @@ from safetensors.numpy import load_file
 from .image_processor import ImageProcessor
 from .loading import load_model
 from .models import bsq
+from .models.infinity import CrossMemory
 from .models.rope_index import plain_position_ids
 from .models.vargpt import VARGPT, embed_multimodal
 from .pipelines.image_generation import GenerationResult, GenerationSettings, draw_images, prefill_prompt
 from .text_generation import stream_generate
-from .tolerances import (FLIP_TENSORS, FLOOR_REL, MAX_TIE_FRAC, MAX_TIE_FRAC_BF16, TOLERANCES, Check,
-                         bits_agree_where_confident, bits_check, compare, measured, measured_levels)
+from .tolerances import (FLIP_TENSORS, FLOOR_REL, MAX_POOL_FLIPS, MAX_TIE_FRAC, MAX_TIE_FRAC_BF16, TOLERANCES, Check,
+                         bf16_rounding_ties, bits_agree_where_confident, bits_check, compare, measured,
+                         measured_levels)
 from .training.losses import BIT_LOSS_WEIGHT, gen_forward, masked_ce, scale_weights, und_sft_loss
 
 
@@ -96,11 +102,45 @@ def bundle_tensors(res: GenerationResult) -> dict[str, mx.array]:
     return out
 
 
+@dataclasses.dataclass
+class PoolRounding:
+    rows_in: np.ndarray  # (R, C) the sos rows fed to ``Infinity.condition``
+    rows_out: mx.array  # (R, C) their condition rows, ties rounded as the reference did
+    ok: bool
+    note: str
+
+
+@contextlib.contextmanager
+def _condition_rows(inf, pool: PoolRounding | None):
+    """While verifying, ``inf.condition`` gives ``pool.rows_out[i]`` for an input row equal to
+    ``pool.rows_in[i]`` (generation's cond and uncond rows, training's sos row) and its own result
+    for any other row; the model itself is unchanged afterwards."""
+    if pool is None:
+        yield
+        return
+    real = inf.condition
+
+    def condition(sos: mx.array) -> mx.array:
+        out = real(sos)
+        got = np.array(sos.astype(mx.float32))
+        idx = [next((i for i, r in enumerate(pool.rows_in) if np.array_equal(g, r)), None) for g in got]
+        if all(i is None for i in idx):
+            return out
+        return mx.stack([out[k] if i is None else pool.rows_out[i].astype(out.dtype) for k, i in enumerate(idx)])
+
+    object.__setattr__(inf, "condition", condition)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        object.__delattr__(inf, "condition")
+
+
 class Verifier:
     def __init__(self, model: VARGPT, bundle: Bundle, tol: str = "fp32", use_stats: bool = True):
         self.model, self.b, self.tol = model, bundle, tol
         self.tok = model.config.tokens
         self.stats = bundle.stats if use_stats else {}
+        self.pool: PoolRounding | None = None  # set by ``run``
 
     # ------------------------------------------------------------------ comparison helpers
     def cmp(self, name: str, got, tol: str | None = None, ref=None, floor: float | None = None) -> Check:
@@ -292,7 +332,10 @@ class Verifier:
                 got = _np(tr[name])
                 ref = self.b[name]
                 tol = "bit_logits" if ".bit_logits" in name and self.tol == "fp32" else None
-                yield self.cmp(name, got.reshape(ref.shape) if got.size == ref.size else got, tol)
+                c = self.cmp(name, got.reshape(ref.shape) if got.size == ref.size else got, tol)
+                if name == "gen.cond_BD" and self.pool is not None:
+                    c.ok, c.note = c.ok and self.pool.ok, "; ".join(filter(None, [self.pool.note, c.note]))
+                yield c
             elif name == "gen.cond_BD_or_gss":
                 yield self.cmp(name, self.model.vargpt_gen.ada_condition(tr["gen.cond_BD"]))
             elif name == "gen.sos_stage":
@@ -484,12 +527,52 @@ class Verifier:
 
     def run(self, on_family: Callable[[str], None] | None = None) -> list[tuple[str, Check]]:
         results = []
-        for fam in self.FAMILIES:
-            if on_family:
-                on_family(fam)
-            for c in getattr(self, fam)():
-                results.append((fam, c))
+        self.pool = self.pool_rounding()
+        with _condition_rows(self.model.vargpt_gen, self.pool):
+            for fam in self.FAMILIES:
+                if on_family:
+                    on_family(fam)
+                for c in getattr(self, fam)():
+                    results.append((fam, c))
         return results
+
+    # ------------------------------------------------------------------ the condition's bf16 ties
+    def pool_rounding(self) -> "PoolRounding | None":
+        """The generation condition rows ``[cond; uncond]`` with the attentive pool's bfloat16 ties
+        rounded as the reference's ``gen.cond_BD`` shows (tolerances.py: ``bf16_rounding_ties``).
+        None for bundles without ``gen.cond_BD`` and for bfloat16 models (computed in bf16
+        upstream, checked by the bf16 rules)."""
+        if not self.b.has("gen.cond_BD") or self._dtype() != mx.float32:
+            return None
+        inf = self.model.vargpt_gen
+        ca = inf.text_proj_for_sos.ca
+        sos = self.model.sos_rows().astype(mx.float32)
+        R, C = sos.shape[0], ca.v_bias.shape[0]
+        _, v = ca.keys_values(CrossMemory(inf.text_norm(sos)[:, None]))
+        v32 = np.array(v.transpose(0, 2, 1, 3).reshape(R, C))  # channel j = mat_kv output C + j
+        s64 = np.asarray(sos, np.float64)  # the same in float64: RMSNorm, v half of mat_kv, v_bias
+        xn = s64 / np.sqrt((s64**2).mean(-1, keepdims=True) + inf.text_norm.eps) * np.asarray(inf.text_norm.weight, np.float64)
+        w, b = np.asarray(ca.mat_kv.weight[C:], np.float64), np.asarray(ca.v_bias, np.float64)
+        ties, other = bf16_rounding_ties(v32, xn @ w.T + b, np.abs(xn) @ np.abs(w).T + np.abs(b))
+
+        def rows(out: np.ndarray) -> mx.array:  # the rest of CrossAttention.__call__ for one key
+            return ca.proj(mx.array(out).reshape(R, 1, C))[:, 0]
+
+        out = np.array(v.transpose(0, 2, 1, 3).reshape(R, C).astype(mx.bfloat16).astype(mx.float32))
+        if not np.array_equal(np.array(rows(out)), np.array(inf.condition(sos))):
+            return PoolRounding(np.array(sos), inf.condition(sos), False,
+                                "could not reproduce text_proj_for_sos from its pieces: ties not resolved")
+        ref = self.b["gen.cond_BD"].astype(np.float64).reshape(R, C)
+        flips = []
+        for r, j in sorted(zip(*np.nonzero(ties)), key=lambda rj: abs(v32[rj] - other[rj])):
+            trial = out.copy()
+            trial[r, j] = other[r, j]
+            if np.sum((np.array(rows(trial))[r] - ref[r]) ** 2) < np.sum((np.array(rows(out))[r] - ref[r]) ** 2):
+                out, flips = trial, flips + [(int(r), int(j))]
+        note = (f"{int(ties.sum())} of {ties.size} bf16 roundings of text_proj_for_sos's v are ties; "
+                f"{len(flips)} rounded the other way, as the reference's rows show"
+                + (f" (row, channel {flips})" if flips else "") + f", at most {MAX_POOL_FLIPS}")
+        return PoolRounding(np.array(sos), rows(out), len(flips) <= MAX_POOL_FLIPS, note)
 
 
 def stored_dtype(model_dir: str | Path) -> str:

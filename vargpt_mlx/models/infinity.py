@@ -222,12 +222,18 @@ class CrossAttention(nn.Module):
         B, Lq, _ = x.shape
         return self.mat_q(x).reshape(B, Lq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array | None, memory: CrossMemory) -> mx.array:
-        """Each row attends to its own memory; q, k, v and the output are rounded to bfloat16."""
+    def keys_values(self, memory: CrossMemory) -> tuple[mx.array, mx.array]:
+        """k, v as (B, heads, M, head_dim), before their bfloat16 rounding."""
         B, M, _ = memory.kv.shape
         bias = mx.concatenate([mx.zeros_like(self.v_bias), self.v_bias])
         kv = (self.mat_kv(memory.kv) + bias).reshape(B, M, 2, self.num_heads, self.head_dim)
         k, v = kv.transpose(2, 0, 3, 1, 4)
+        return k, v
+
+    def __call__(self, x: mx.array | None, memory: CrossMemory) -> mx.array:
+        """Each row attends to its own memory; q, k, v and the output are rounded to bfloat16."""
+        B = memory.kv.shape[0]
+        k, v = self.keys_values(memory)
         q = self._queries(x, B)
         out = mx.fast.scaled_dot_product_attention(
             _bf16_round(q), _bf16_round(k), _bf16_round(v),
