@@ -30,15 +30,18 @@ class QuantizedLinear(nn.QuantizedLinear):
             return super().__call__(x)
         w, s, b = self["weight"], self["scales"], self.get("biases")
         rows = max(1, CHUNK // (w.shape[-1] * 32 // self.bits))  # output features per piece
-        pieces, after = [], x
+        # bfloat16 activations multiply in float32 (the CPU has no fast bf16 GEMM), rounded back after
+        xf = x.astype(mx.float32)
+        pieces, after = [], xf
         for i in range(0, w.shape[0], rows):
             # A dequantize depends on weights alone, so MLX would run every one of them first (measured:
             # 1.2 GiB in flight for 8 Qwen2-7B MLP matrices at 64 rows, 0.02 GiB with quantized_matmul):
             # each piece waits for the previous product (the first for x), so one is in flight at a time.
             wi = mx.depends(w[i:i + rows], after)
-            pieces.append(after := x @ mx.dequantize(wi, s[i:i + rows], None if b is None else b[i:i + rows],
-                                                     group_size=self.group_size, bits=self.bits, mode=self.mode).T)
-        y = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
+            pieces.append(after := xf @ mx.dequantize(wi, s[i:i + rows], None if b is None else b[i:i + rows],
+                                                      group_size=self.group_size, bits=self.bits, mode=self.mode,
+                                                      dtype=mx.float32).T)
+        y = (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)).astype(x.dtype)
         return y + self["bias"] if "bias" in self else y
 
 
