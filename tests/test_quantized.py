@@ -26,8 +26,8 @@ def _bound(x: mx.array, q: nn.QuantizedLinear) -> np.ndarray:
     within gamma_K * sum_i |x_i w_i| of the exact sum (gamma_K = K eps / (1 - K eps), the standard
     bound for recursive summation, which also covers blocked and pairwise orders), so they are
     within twice that of each other. The product and the bias add contribute one more rounding."""
-    w = np.asarray(mx.dequantize(q.weight, q.scales, q.biases, group_size=q.group_size, bits=q.bits,
-                                 dtype=mx.float32), np.float64)
+    w = np.asarray(mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32),
+                                 group_size=q.group_size, bits=q.bits), np.float64)
     k, eps = w.shape[1], np.finfo(np.float32).eps / 2
     gamma = k * eps / (1 - k * eps)
     mag = np.abs(np.asarray(x, np.float64)) @ np.abs(w).T
@@ -136,7 +136,8 @@ def test_bfloat16_activations_multiply_in_float32():
         y = q(x)
     assert y.dtype == mx.bfloat16
     x32 = x.astype(mx.float32)
-    w = np.asarray(mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=4, dtype=mx.float32), np.float64)
+    w = np.asarray(mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32),
+                                 group_size=32, bits=4), np.float64)  # the bf16 scales' exact values
     exact = np.asarray(x32, np.float64) @ w.T
     err = np.abs(np.asarray(y.astype(mx.float32), np.float64) - exact)
     assert (err <= 2.0**-8 * np.abs(exact) + _bound(x32, q)).all(), err.max()

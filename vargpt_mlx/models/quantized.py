@@ -2,8 +2,8 @@
 
 MLX's CPU ``quantized_matmul`` runs at ~3 GFLOP/s on this 2-core machine whatever the row count,
 where a float32 BLAS matmul reaches ~170 (``benchmarks/bench_quantized.py``). From 8 rows up it is
-faster to dequantize the weight and multiply with the BLAS (measured, q4 and q8, group 32: 1.2x at
-8 rows of a 3584x4096 weight, 8.5x at 64 rows, 57x at 1024), so prefill, every next-scale step and
+faster to dequantize the weight and multiply with the BLAS (measured, q4 and q8, group 32 and 64:
+1.2x at 8 rows of a 3584x4096 weight, 8.5x at 64 rows, 57x at 1024), so prefill, every next-scale step and
 every training batch of a quantized model take that path on the CPU; single-token decoding keeps
 ``quantized_matmul``, which reads 4-8x fewer bytes. Same function: ``dequantize`` gives exactly the
 values ``quantized_matmul`` multiplies by, only the float summation order differs. The weight is
@@ -38,9 +38,10 @@ class QuantizedLinear(nn.QuantizedLinear):
             # 1.2 GiB in flight for 8 Qwen2-7B MLP matrices at 64 rows, 0.02 GiB with quantized_matmul):
             # each piece waits for the previous product (the first for x), so one is in flight at a time.
             wi = mx.depends(w[i:i + rows], after)
-            pieces.append(after := xf @ mx.dequantize(wi, s[i:i + rows], None if b is None else b[i:i + rows],
-                                                      group_size=self.group_size, bits=self.bits, mode=self.mode,
-                                                      dtype=mx.float32).T)
+            # scales in float32 first: dequantize computes in its scales' dtype (bf16 ones: 0.016 off)
+            si, bi = s[i:i + rows].astype(mx.float32), None if b is None else b[i:i + rows].astype(mx.float32)
+            pieces.append(after := xf @ mx.dequantize(wi, si, bi, group_size=self.group_size, bits=self.bits,
+                                                      mode=self.mode).T)
         y = (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)).astype(x.dtype)
         return y + self["bias"] if "bias" in self else y
 
