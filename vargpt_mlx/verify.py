@@ -564,7 +564,7 @@ class Verifier:
                                 "text_proj_for_sos not reproduced from its pieces: ties not resolved")
         ref = self.b["gen.cond_BD"].astype(np.float64).reshape(R, C)
         flips = []
-        for r, j in sorted(zip(*np.nonzero(ties)), key=lambda rj: abs(v32[rj] - other[rj])):
+        for r, j in sorted(zip(*np.nonzero(ties)), key=lambda rj: abs(v32[rj] - (out[rj] + other[rj]) / 2)):
             trial = out.copy()
             trial[r, j] = other[r, j]
             if np.sum((np.array(rows(trial))[r] - ref[r]) ** 2) < np.sum((np.array(rows(out))[r] - ref[r]) ** 2):
