@@ -243,6 +243,25 @@ def test_cpu_attention_equals_mlx(mask, chunk_scores, monkeypatch):
         assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(b).max()))
 
 
+def test_cpu_attention_bfloat16_in_float32():
+    """bf16 on the CPU attends in float32 and rounds once: the float32 path's output rounded to bf16
+    (mask too), and within one bf16 rounding (2**-8 relative to max|v|) plus the float32 bound above
+    of the float32 reference; MLX's own bf16 kernel on the CPU is the slow path this avoids."""
+    from vargpt_mlx.models import activations as A
+
+    mx.random.seed(4)
+    q, k, v = (mx.random.normal((1, 4, 40, 16)).astype(mx.bfloat16) for _ in range(3))
+    m = mx.random.normal((1, 1, 40, 40)).astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        got = A.sdpa(q, k, v, scale=0.25, mask=m)
+        f32 = [a.astype(mx.float32) for a in (q, k, v, m)]
+        want = mx.fast.scaled_dot_product_attention(*f32[:3], scale=0.25, mask=f32[3])
+    assert got.dtype == mx.bfloat16
+    assert mx.array_equal(got, A.sdpa(*f32[:3], scale=0.25, mask=f32[3]).astype(mx.bfloat16))
+    vmax = float(mx.abs(f32[2]).max())
+    assert float(mx.abs(got.astype(mx.float32) - want).max()) <= 2.0**-8 * vmax + 1e-5 * vmax
+
+
 def test_polynomial_exp_floor_by_truncation():
     """``activations._exp`` takes floor(t log2 e + 1/2) by truncation with a correction below zero
     (a vector floor does not exist in the SSE2 kernels MLX compiles on x86-64): the same n as

@@ -305,3 +305,24 @@ def test_cpu_allocator_settings_apply_once_and_opt_out():
                          capture_output=True, text=True, check=True)
     expected = sys.platform == "linux" and mx.default_device() == mx.cpu
     assert on.stdout.strip() == str(expected) and off.stdout.strip() == "False"
+
+
+def test_bfloat16_model_decodes_in_float32_on_the_cpu():
+    """A bf16 VAE on the CPU decodes bf16 codes in float32 (its weights promote op by op: MLX's CPU
+    convolution has no fast bf16 path): the same as float32 codes into the same weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from vargpt_mlx.config import VAEConfig
+    from vargpt_mlx.models.vae import BSQVAE
+
+    mx.random.seed(0)
+    vae = BSQVAE(VAEConfig(base_ch=24, encoder_ch_mult=(1, 1, 1, 1, 1), decoder_ch_mult=(1, 1, 1, 1, 1),
+                           num_res_blocks=0, codebook_dim=8, z_channels=8, patch_size=16))
+    vae.update(tree_map(lambda a: a.astype(mx.bfloat16), vae.parameters()))
+    z = mx.random.normal((1, 2, 2, 8)).astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        out = vae.decode(z)
+        ref = vae.decode(z.astype(mx.float32))
+    assert out.dtype == mx.float32 and out.shape == (1, 32, 32, 3)
+    assert mx.array_equal(out, ref)

@@ -186,6 +186,13 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
 
     Outside function transformations the chunks run on two CPU streams, i.e. on both cores (see
     ``cpu_streams``), and the result is evaluated here."""
+    if q.dtype == mx.bfloat16 and mx.default_device() == mx.cpu and not hasattr(cache, "bits"):
+        # bf16 on the CPU (e.g. ``--dtype bfloat16`` to halve the caches): MLX's CPU kernels have no
+        # fast bf16 path, so attend in float32 and round the output once (what Metal's bf16 kernel
+        # does inside: float32 accumulation, bf16 output)
+        f32 = mx.float32
+        m = mask.astype(f32) if isinstance(mask, mx.array) and mask.dtype == mx.bfloat16 else mask
+        return sdpa(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=m, cache=cache).astype(q.dtype)
     B, H, L, D = q.shape
     S, Hk = k.shape[2], k.shape[1]
     if hasattr(cache, "bits") or not _fast(q) or L * S < 4096:

@@ -427,7 +427,13 @@ class BSQVAE(nn.Module):
         return self.encoder(x)
 
     def decode(self, z: mx.array) -> mx.array:
-        """Upstream ``decode``: (B, h, w, d) codes -> (B, 16h, 16w, 3) clamped to [-1, 1]."""
+        """Upstream ``decode``: (B, h, w, d) codes -> (B, 16h, 16w, 3) clamped to [-1, 1].
+
+        On the CPU a bfloat16 model decodes in float32 (its weights promote op by op): MLX's CPU
+        convolution, which bf16 would take, copies im2col patches (2.6 GiB for one 3x3 conv at
+        512x512, benchmarks/README.md) and has no fast bf16 kernels; the port's float32 path has neither."""
+        if mx.default_device() == mx.cpu and z.dtype == mx.bfloat16:
+            z = z.astype(mx.float32)
         return mx.clip(self.decoder(z), -1.0, 1.0)
 
 
