@@ -2,8 +2,8 @@
 
 MLX's CPU ``quantized_matmul`` runs at ~3 GFLOP/s on this 2-core machine whatever the row count,
 where a float32 BLAS matmul reaches ~170 (``benchmarks/bench_quantized.py``). From 8 rows up it is
-faster to dequantize the weight and multiply with the BLAS (measured, q4 and q8, group 32 and 64:
-1.2x at 8 rows of a 3584x4096 weight, 8.5x at 64 rows, 57x at 1024), so prefill, every next-scale step and
+faster to dequantize the weight and multiply with the BLAS (measured by that benchmark, q4 and q8,
+group 32: 3.3-3.7x at 8 rows of a 3584x4096 weight, 22-25x at 64 rows, 69-70x at 1024), so prefill, every next-scale step and
 every training batch of a quantized model take that path on the CPU; single-token decoding keeps
 ``quantized_matmul``, which reads 4-8x fewer bytes. Same function: ``dequantize`` gives exactly the
 values ``quantized_matmul`` multiplies by, only the float summation order differs. The weight is
@@ -18,7 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-MIN_ROWS = 8  # below this quantized_matmul wins (measured: 0.28x-0.6x at 2-4 rows of 3584x4096)
+MIN_ROWS = 8  # below this quantized_matmul wins (measured: dequantizing every call cost 0.28x-0.6x at 2-4 rows of 3584x4096)
 CHUNK = 1 << 22  # dequantized values per piece (16 MiB of float32)
 
 
