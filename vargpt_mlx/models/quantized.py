@@ -40,11 +40,9 @@ class QuantizedLinear(nn.QuantizedLinear):
             wi = mx.depends(w[i:i + rows], after)
             # scales in float32 first: dequantize computes in its scales' dtype (bf16 ones: 0.016 off)
             si, bi = s[i:i + rows].astype(mx.float32), None if b is None else b[i:i + rows].astype(mx.float32)
-            # each piece back in x's dtype at once: the float32 products of a bf16 model's MLP at 2048 rows
-            # would otherwise all wait for the concatenation at twice the size
-            pieces.append(after := (xf @ mx.dequantize(wi, si, bi, group_size=self.group_size, bits=self.bits,
-                                                       mode=self.mode).T).astype(x.dtype))
-        y = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
+            pieces.append(after := xf @ mx.dequantize(wi, si, bi, group_size=self.group_size, bits=self.bits,
+                                                      mode=self.mode).T)
+        y = (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)).astype(x.dtype)
         return y + self["bias"] if "bias" in self else y
 
 
