@@ -564,11 +564,13 @@ class Verifier:
                                 "text_proj_for_sos not reproduced from its pieces: ties not resolved")
         ref = self.b["gen.cond_BD"].astype(np.float64).reshape(R, C)
         flips = []
+        sq_err = np.sum((np.array(rows(out)) - ref) ** 2, axis=1)  # per row, for the current roundings
         for r, j in sorted(zip(*np.nonzero(ties)), key=lambda rj: abs(v32[rj] - (out[rj] + other[rj]) / 2)):
             trial = out.copy()
             trial[r, j] = other[r, j]
-            if np.sum((np.array(rows(trial))[r] - ref[r]) ** 2) < np.sum((np.array(rows(out))[r] - ref[r]) ** 2):
-                out, flips = trial, flips + [(int(r), int(j))]
+            e = np.sum((np.array(rows(trial))[r] - ref[r]) ** 2)
+            if e < sq_err[r]:
+                out, sq_err[r], flips = trial, e, flips + [(int(r), int(j))]
         note = (f"{int(ties.sum())} of {ties.size} bf16 roundings of text_proj_for_sos's v are ties; "
                 f"{len(flips)} rounded the other way, as the reference's rows show"
                 + (f" (row, channel {flips})" if flips else "") + f", at most {MAX_POOL_FLIPS}")
