@@ -123,8 +123,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> VARGPT:
     weights = load_raw_weights(path)
     if raw_cfg.get("format") == "mlx":
         if q := raw_cfg.get("quantization"):
-            quantized.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                               class_predicate=lambda p, m: f"{p}.scales" in weights)
+            nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                        class_predicate=lambda p, m: f"{p}.scales" in weights)
+            quantized.use_cpu_path(model)
     else:
         weights, _ = sanitize(weights)
     weights = sos_row(weights, config)

@@ -54,8 +54,3 @@ def use_cpu_path(model: nn.Module) -> nn.Module:
             m.__class__ = QuantizedLinear
     return model
 
-
-def quantize(model: nn.Module, **kwargs) -> nn.Module:
-    """``nn.quantize`` (same arguments), then ``use_cpu_path``."""
-    nn.quantize(model, **kwargs)
-    return use_cpu_path(model)
