@@ -41,6 +41,7 @@ from vargpt_mlx.chat import ChatSession  # noqa: E402
 from vargpt_mlx.models.vae import BSQVAE  # noqa: E402
 from vargpt_mlx.server import ServerSettings, build_app  # noqa: E402
 from vargpt_mlx.server import jobs as server_jobs  # noqa: E402
+from vargpt_mlx.server import worker as server_worker  # noqa: E402
 from vargpt_mlx.server.inputs import StopMatcher, choose_size  # noqa: E402
 from vargpt_mlx.text_generation import hf_logits_processors  # noqa: E402
 
@@ -585,12 +586,22 @@ def test_disconnect_frees_the_model(server, caplog):
                                         "max_tokens": 30000, "stream": True}, 2000)
     assert b"data: " in got
     assert server.wait_idle(timeout=10) < 5
-    # a non-streaming image request (4 images, ~7 s): the client hangs up while it is drawn
-    _open_and_drop(server, GEN, {"prompt": "never mind", "n": 4, "seed": 1}, 0)
-    t0 = time.time()
-    while not server.health()["busy"] and time.time() - t0 < 5:
-        time.sleep(0.02)
-    assert server.wait_idle(timeout=10) < 4
+    # a non-streaming image request: the client hangs up while it is drawn. The tiny model draws
+    # 4 images in ~0.25 s, under the server's 0.25 s disconnect poll, so each scale is made to take
+    # 0.5 s: undisturbed, the request takes >= 7 scales x 0.5 s = 3.5 s; the poll must stop it sooner.
+    real_check = server_worker.Job.check
+
+    def slow_check(job):
+        time.sleep(0.5)
+        real_check(job)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_worker.Job, "check", slow_check)
+        _open_and_drop(server, GEN, {"prompt": "never mind", "n": 4, "seed": 1}, 0)
+        t0 = time.time()
+        while not server.health()["busy"] and time.time() - t0 < 5:
+            time.sleep(0.02)
+        assert server.wait_idle(timeout=10) < 2.5
     time.sleep(0.3)
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "vargpt_mlx.server"]
     assert sum("client disconnected" in ln for ln in lines) >= 2, lines
