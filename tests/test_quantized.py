@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from vargpt_mlx.models import quantized
+from vargpt_mlx.models import activations, quantized
 
 
 def _layer(k: int, n: int, bits: int, bias: bool) -> nn.QuantizedLinear:
@@ -141,3 +141,109 @@ def test_bfloat16_activations_multiply_in_float32():
     exact = np.asarray(x32, np.float64) @ w.T
     err = np.abs(np.asarray(y.astype(mx.float32), np.float64) - exact)
     assert (err <= 2.0**-8 * np.abs(exact) + _bound(x32, q)).all(), err.max()
+
+
+# ------------------------------------------------------------------ MLPs in pieces of the hidden features
+def _mlp(kind: str, dim: int, hidden: int, dtype=mx.float32):
+    from vargpt_mlx.models import infinity, qwen2
+
+    mx.random.seed(1)
+    m = qwen2.MLP(dim, hidden) if kind == "qwen2" else infinity.FFN(dim, hidden)
+    if kind == "ffn":  # biases that matter
+        m.fc1.bias = 0.5 * mx.random.normal((hidden,))
+        m.fc2.bias = 0.5 * mx.random.normal((dim,))
+    m.set_dtype(dtype)
+    nn.quantize(m, group_size=32, bits=4)
+    return quantized.use_cpu_path(m)
+
+
+def _deq(q) -> np.ndarray:
+    return np.asarray(mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32),
+                                    group_size=q.group_size, bits=q.bits), np.float64)
+
+
+def _mlp_bound(kind: str, m, x: mx.array) -> np.ndarray:
+    """Both paths compute the same values in float32 with different summation orders (the pieces'
+    first-layer dot products may block differently; ``down`` sums per piece, then across pieces).
+    First layers: within 2 (gamma_D + eps) |x| |W1|^T of each other (gamma_K = K eps / (1 - K eps));
+    the activation moves by at most its slope times that (|silu'| <= 1.1, |gelu'| <= 1.13) plus a
+    few roundings of its own (4 eps |a|); ``down``: |Wd| times the activation's difference plus
+    2 (gamma_H + eps) |a| |Wd|^T."""
+    eps = np.finfo(np.float32).eps / 2
+    gamma = lambda k: k * eps / (1 - k * eps)  # noqa: E731
+    xf = np.abs(np.asarray(x, np.float64)).reshape(-1, x.shape[-1])
+    firsts, down = ([m.gate_proj, m.up_proj], m.down_proj) if kind == "qwen2" else ([m.fc1], m.fc2)
+    ws = [_deq(f) for f in firsts]
+    hs = [np.asarray(x, np.float64).reshape(-1, x.shape[-1]) @ w.T + (np.asarray(f["bias"]) if "bias" in f else 0)
+          for f, w in zip(firsts, ws)]
+    dh = [2 * (gamma(x.shape[-1]) + eps) * (xf @ np.abs(w).T) + 4 * eps * np.abs(h) for w, h in zip(ws, hs)]
+    if kind == "qwen2":
+        g, u = hs
+        silu = g / (1 + np.exp(-g))
+        a = silu * u
+        da = 1.1 * np.abs(u) * dh[0] + np.abs(silu) * dh[1]
+    else:
+        (h,) = hs
+        a = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+        da = 1.13 * dh[0]
+    da = da + 4 * eps * np.abs(a)
+    wd = np.abs(_deq(down))
+    dy = da @ wd.T + 2 * (gamma(a.shape[-1]) + eps) * (np.abs(a) @ wd.T) + 4 * eps * np.abs(a @ _deq(down).T)
+    return dy.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "ffn"])
+def test_mlp_in_hidden_pieces_same_function(kind, monkeypatch):
+    """A Qwen2 MLP / Infinity FFN of quantized layers computes one piece of the hidden features at a
+    time (4 pieces here) and gives the plain path's result within the float32 order bound."""
+    m = _mlp(kind, 64, 256)
+    x = mx.random.normal((2, 20, 64))
+    monkeypatch.setattr(quantized, "CHUNK", 64 * 64)  # 64 hidden features per piece
+    seen = []
+    real = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda w, *a, **k: seen.append(w.shape) or real(w, *a, **k))
+    with mx.stream(mx.cpu):
+        y = m(x)
+        n_fused = len(seen)
+        monkeypatch.setattr(quantized, "mlp", lambda *a: None)
+        ref = m(x)
+    firsts = 2 if kind == "qwen2" else 1
+    assert n_fused == 4 * (firsts + 1), seen  # per piece: each first layer's rows, down's columns
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(ref, np.float64))
+    assert (err <= _mlp_bound(kind, m, x)).all(), err.max()
+
+
+def test_mlp_pieces_bound_the_hidden_transient(monkeypatch):
+    """What the pieces are for: the plain path holds the whole hidden activation several times over
+    (float32 products, their concatenation, the activation's temporaries); in pieces, one piece of
+    it. Here the hidden activation is 512 x 4096 float32 = 8 MiB, a piece 512 x 256 (0.5 MiB)."""
+    monkeypatch.setattr(quantized, "CHUNK", 1 << 16)
+    m = _mlp("qwen2", 256, 4096)
+    x = mx.random.normal((512, 256))
+
+    def peak(fn):
+        with mx.stream(mx.cpu):
+            mx.eval(x, m.parameters())
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            mx.eval(fn())
+        return (mx.get_peak_memory() - base) / 2**20
+
+    fused = peak(lambda: m(x))
+    plain = peak(lambda: m.down_proj(activations.swiglu(m.gate_proj(x), m.up_proj(x))))
+    assert plain > 16 and fused < 8, (fused, plain)  # measured: 84 and 5.5 MiB
+
+
+def test_mlp_bfloat16_rounds_like_the_plain_path(monkeypatch):
+    """bf16: each piece's first-layer outputs are rounded to bf16 and the activation runs in bf16,
+    as in the plain path; ``down`` rounds once at the end. The results differ by at most one bf16
+    rounding (2**-8 relative) on top of the float32 order bound of the float32 model."""
+    monkeypatch.setattr(quantized, "CHUNK", 64 * 64)  # 4 pieces
+    m = _mlp("qwen2", 64, 256, mx.bfloat16)
+    x = mx.random.normal((40, 64)).astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        y = quantized.mlp(x, [m.gate_proj, m.up_proj], activations.swiglu, m.down_proj)
+        ref = m.down_proj(activations.swiglu(m.gate_proj(x), m.up_proj(x)))
+    assert y is not None and y.dtype == ref.dtype == mx.bfloat16
+    y64, r64 = np.asarray(y.astype(mx.float32), np.float64), np.asarray(ref.astype(mx.float32), np.float64)
+    assert (np.abs(y64 - r64) <= 2.0**-8 * np.maximum(np.abs(y64), np.abs(r64)) + 1e-6).all()

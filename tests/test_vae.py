@@ -275,19 +275,47 @@ def test_conv_fast_path_gradients_equal_autodiff_of_the_plain_conv(shape):
 
 
 def test_groupnorm_silu_in_runs_equals_one_pass(monkeypatch):
-    """Large activations run GroupNorm's affine + SiLU in runs of positions (memory); every value
-    takes the same operations, so the result is bit-identical to one pass, with runs that do not
-    divide the positions and with a batch of 2."""
+    """Large activations run GroupNorm's statistics and its affine + SiLU in runs of positions
+    (memory); every value takes the same operations, and the runs are whole first-level blocks of
+    ``_blocked_sum``, so the result is bit-identical to one pass (a batch of 2; runs that do not
+    divide the positions; positions that are not whole blocks, which take one pass)."""
     from vargpt_mlx.models import vae as vae_mod
 
     norm = vae_mod.Normalize(96)
     norm.norm.weight = mx.random.normal((96,), key=mx.random.key(1))
     norm.norm.bias = mx.random.normal((96,), key=mx.random.key(2))
-    x = 3 * mx.random.normal((2, 37, 23, 96), key=mx.random.key(3))
-    monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1 << 40)
-    one = norm(x, silu=True)
-    monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1000)  # 5 positions per run: 171 runs
-    assert mx.array_equal(norm(x, silu=True), one).item()
+    for shape in [(2, 40, 24, 96), (2, 37, 23, 96)]:  # 960 positions = 15 blocks of 64; 851
+        x = 3 * mx.random.normal(shape, key=mx.random.key(3)) + 1.5
+        monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1 << 40)
+        assert vae_mod._runs(x.reshape(2, -1, 96)) is None
+        one = norm(x, silu=True)
+        monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 2 * 96 * 256)  # runs of 256 positions: 4 runs
+        runs = vae_mod._runs(x.reshape(2, -1, 96))
+        assert (runs is not None) == (shape[1] * shape[2] % 64 == 0)
+        assert mx.array_equal(norm(x, silu=True), one).item()
+
+
+def test_groupnorm_silu_runs_bound_the_transient(monkeypatch):
+    """One pass holds the centred copy, its square and the polynomial SiLU's full-size temporaries
+    (~6x the input); in runs, the output and its pieces (2x) plus a run's temporaries."""
+    from vargpt_mlx.models import vae as vae_mod
+
+    norm = vae_mod.Normalize(64)
+    x = mx.random.normal((1, 128, 128, 64))  # 4 MiB
+    mx.eval(x, norm.parameters())
+
+    def peak():
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(norm(x, silu=True))
+        return (mx.get_peak_memory() - base) / x.nbytes
+
+    with mx.stream(mx.cpu):
+        monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1 << 40)
+        one = peak()
+        monkeypatch.setattr(vae_mod, "_CHUNK_ELEMENTS", 1 << 16)  # runs of 1024 positions, 0.25 MiB
+        runs = peak()
+    assert one > 4 and runs < 2.5, (one, runs)  # measured: 9.0 and 2.0
 
 
 def test_cpu_allocator_settings_apply_once_and_opt_out():

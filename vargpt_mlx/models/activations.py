@@ -226,7 +226,7 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
                 outs.append(_softmax_f32(sc) @ v)
         return mx.concatenate(outs, axis=3).reshape(B, H, L, D)
 
-    if L <= rows or not _can_eval(q, k, v, m):
+    if L <= rows or not can_eval(q, k, v, m):
         return chunks([mx.default_stream(mx.cpu)])
     with _one_blas_thread():
         out = chunks(cpu_streams())
@@ -252,7 +252,9 @@ def cpu_streams() -> list:
     return _local.streams
 
 
-def _can_eval(*arrays) -> bool:
+def can_eval(*arrays) -> bool:
+    """Evaluate ``arrays`` and say True, or False inside ``mx.compile`` / ``mx.vmap`` (where
+    evaluation is not allowed)."""
     try:
         mx.eval([a for a in arrays if a is not None])
     except ValueError:  # a compile / vmap tracer

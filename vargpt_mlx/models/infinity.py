@@ -34,7 +34,7 @@ from mlx_lm.models.cache import KVCache
 
 from .. import schedules
 from ..config import InfinityConfig
-from . import activations
+from . import activations, quantized
 from .bsq import l2_normalize
 
 DROPPED: tuple[str, ...] = (
@@ -253,7 +253,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(activations.gelu_approx(self.fc1(x)))
+        y = quantized.mlp(x, [self.fc1], activations.gelu_approx, self.fc2)
+        return self.fc2(activations.gelu_approx(self.fc1(x))) if y is None else y
 
 
 class CrossAttnBlock(nn.Module):

@@ -23,7 +23,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from ..config import LLMConfig
-from . import activations
+from . import activations, quantized
 
 # Upstream ``model.*`` keys (prefix stripped) this port knowingly drops: none.
 DROPPED: tuple[str, ...] = ()
@@ -114,7 +114,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(activations.swiglu(self.gate_proj(x), self.up_proj(x)))
+        y = quantized.mlp(x, [self.gate_proj, self.up_proj], activations.swiglu, self.down_proj)
+        return self.down_proj(activations.swiglu(self.gate_proj(x), self.up_proj(x))) if y is None else y
 
 
 class DecoderLayer(nn.Module):

@@ -13,6 +13,7 @@ Images are ``(B, H, W, 3)`` in [-1, 1]; latents ``(B, H/16, W/16, codebook_dim)`
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -142,8 +143,10 @@ def _upsample_conv3x3(x: mx.array, w: mx.array, b: mx.array) -> mx.array:
     O = w.shape[0]
     groups = (((0, (0,)), (1, (1, 2))), ((1, (0, 1)), (2, (2,))))  # phase -> (padded offset, 3x3 taps)
     rows = _pad_rows(x)
-    phases = []
+    can_eval = activations.can_eval(rows)
+    out_rows = []
     for a in range(2):
+        phases = []
         for c in range(2):
             taps = []
             for i, ki in groups[a]:
@@ -151,8 +154,14 @@ def _upsample_conv3x3(x: mx.array, w: mx.array, b: mx.array) -> mx.array:
                     tw = sum(w[:, p, q, :] for p in ki for q in kj)
                     taps.append(((i, j), tw.T))
             phases.append(_taps_rows(rows, x.shape, taps, b))
-    out = mx.stack(phases, axis=3).reshape(B, H, W, 2, 2, O)  # (.., a, c, O)
-    return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, O)
+        # interleaved by stacking, so that every reshape is free: (B, H, W, 2, O) is output row
+        # phase a's columns 2w + c, and (B, H, 2, 2W, O) below its rows 2h + a. Evaluated phase row
+        # by phase row where allowed (measured at 256x256 x 256 channels -> 512x512: the four phases,
+        # their stack and its transposed copy were 0.82 GiB in flight).
+        out_rows.append(mx.stack(phases, axis=3).reshape(B, H, 2 * W, O))
+        if can_eval:
+            mx.eval(out_rows[-1])
+    return mx.stack(out_rows, axis=2).reshape(B, 2 * H, 2 * W, O)
 
 
 def _blocked_sum(x: mx.array, axis: int) -> mx.array:
@@ -206,13 +215,18 @@ class Normalize(nn.Module):
             return mx.broadcast_to(g, (B, 1, G, C // G)).reshape(B, 1, C)
 
         mean = per_group(_blocked_sum(xf, axis=1)) / n
+        w, b = self.norm.weight, self.norm.bias
+        fused = silu and x.dtype == mx.float32 and mx.default_device() == mx.cpu
+        if fused and _runs(xf) is not None:
+            var = per_group(_blocked_sum(_centred_squares_level1(xf, mean), axis=1)) / n
+            return _norm_silu_runs(xf, mean, mx.rsqrt(var + self.norm.eps), w, b).reshape(*lead, C)
         xc = xf - mean
         var = per_group(_blocked_sum(xc * xc, axis=1)) / n
         inv = mx.rsqrt(var + self.norm.eps)
-        if silu and x.dtype == mx.float32 and mx.default_device() == mx.cpu:
-            return _affine_silu_chunks(xc, inv, self.norm.weight, self.norm.bias).reshape(*lead, C)
+        if fused:
+            return _affine_silu(xc, inv, w, b).reshape(*lead, C)
         y = (xc * inv).reshape(*lead, C)
-        y = (y * self.norm.weight + self.norm.bias).astype(x.dtype)
+        y = (y * w + b).astype(x.dtype)
         return activations.silu(y) if silu else y
 
 
@@ -222,30 +236,57 @@ def _affine_silu(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) 
     return activations.silu((xc * inv) * weight + bias)
 
 
-# MLX fuses at most 11 operations deep, so the polynomial SiLU runs as several kernels whose
-# full-size intermediates all exist at once: 1.5 GiB of temporaries for a 256 MiB activation
-# (measured: GroupNorm + SiLU of one full-size decoder activation at 512x512 x 256 channels,
-# 2.37 GiB). Runs of about _CHUNK_ELEMENTS values, one at a time on each of two CPU streams (both
-# cores: MLX runs elementwise kernels on one thread per stream), bound them by two runs; every
-# value goes through the same operations, so the result is unchanged.
+# Large activations (a full-size decoder's are 128-256 MiB at 512x512) are normalised in runs of
+# about _CHUNK_ELEMENTS values: the unfused path holds the centred copy, its square and, since MLX
+# fuses at most 11 operations deep, the polynomial SiLU's full-size intermediates (measured at
+# 512x512 x 128 channels: 1.0 GiB over a 128 MiB input; chaining the runs with ``mx.depends`` did not
+# bound it, 0.83 GiB). Each run is evaluated before the next starts where evaluation is allowed
+# (not inside ``mx.compile`` / ``mx.vmap``), one run on each of two CPU streams at a time (MLX runs
+# elementwise kernels on one thread per stream). Every value takes the same operations as in the
+# unfused path, so the result is bit-identical (tests/test_vae.py).
 _CHUNK_ELEMENTS = 1 << 22
+_BLOCK = 64  # _blocked_sum's first level
 
 
-def _affine_silu_chunks(xc: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """``_affine_silu`` over (B, positions, C) in runs of positions (one per stream at a time)."""
-    B, n, C = xc.shape
-    rows = max(1, _CHUNK_ELEMENTS // (B * C))
-    if n <= rows:
-        return _affine_silu(xc, inv, weight, bias)
+def _runs(xf: mx.array) -> list[slice] | None:
+    """Runs of positions of ``xf (B, positions, C)``, whole first-level blocks of ``_blocked_sum``
+    each; ``None`` when one run would do or the positions are not whole blocks."""
+    B, n, C = xf.shape
+    rows = max(1, _CHUNK_ELEMENTS // (B * C)) // _BLOCK * _BLOCK
+    if n % _BLOCK or rows == 0 or n <= rows:
+        return None
+    return [slice(s, s + rows) for s in range(0, n, rows)]
+
+
+def _in_runs(fn: Callable[[slice], mx.array], runs: list[slice], axis: int, inputs: list[mx.array]) -> mx.array:
+    """``concatenate([fn(run) for run in runs], axis)``, at most one run in flight per CPU stream
+    where ``inputs`` can be evaluated."""
     streams = activations.cpu_streams()
+    can_eval = activations.can_eval(*inputs)
     outs: list[mx.array] = []
-    for i, s in enumerate(range(0, n, rows)):
+    for i, run in enumerate(runs):
         with mx.stream(streams[i % len(streams)]):
-            part = xc[:, s:s + rows]
-            if i >= len(streams):  # after this stream's previous run: one run's temporaries per stream
-                part = mx.depends(part, outs[i - len(streams)])
-            outs.append(_affine_silu(part, inv, weight, bias))
-    return mx.concatenate(outs, axis=1)
+            outs.append(fn(run))
+        if can_eval and i % len(streams) == len(streams) - 1:
+            mx.eval(outs[-len(streams):])
+    return mx.concatenate(outs, axis=axis)
+
+
+def _centred_squares_level1(xf: mx.array, mean: mx.array) -> mx.array:
+    """``_blocked_sum``'s first level of ``(xf - mean)**2`` (blocks of 64 positions), run by run:
+    the same blocks summed the same way, so the statistics are those of the unfused path."""
+    B, _, C = xf.shape
+
+    def level1(run):
+        xc = xf[:, run] - mean
+        return (xc * xc).reshape(B, -1, _BLOCK, C).sum(axis=2)
+
+    return _in_runs(level1, _runs(xf), 1, [xf, mean])
+
+
+def _norm_silu_runs(xf: mx.array, mean: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """``silu(((xf - mean) * inv) * weight + bias)`` run by run."""
+    return _in_runs(lambda run: _affine_silu(xf[:, run] - mean, inv, weight, bias), _runs(xf), 1, [xf, mean, inv])
 
 
 class ResnetBlock(nn.Module):
