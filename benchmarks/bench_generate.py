@@ -35,7 +35,9 @@ def cache_bytes(config, schedule, prompt_len: int, n: int, itemsize: int) -> dic
     llm = config.llm
     inf = config.infinity
     llm_b = llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * alloc(prompt_len + 1 + L) * itemsize * n
-    inf_b = inf.depth * 2 * inf.embed_dim * alloc(L) * itemsize * 2 * n
+    # Infinity: keys in float32 whatever the model dtype (its RoPE is float32, as upstream's k cache), values
+    # in the model's dtype; cond and uncond rows
+    inf_b = inf.depth * inf.embed_dim * alloc(L) * (4 + itemsize) * 2 * n
     return {"llm_cache": llm_b, "infinity_cache": inf_b}
 
 

@@ -37,7 +37,8 @@ from .models import bsq
 from .models.infinity import CrossMemory
 from .models.rope_index import plain_position_ids
 from .models.vargpt import VARGPT, embed_multimodal
-from .pipelines.image_generation import GenerationResult, GenerationSettings, draw_images, prefill_prompt
+from .pipelines.image_generation import (GenerationResult, GenerationSettings, draw_images, next_scale_embedding,
+                                         prefill_prompt)
 from .text_generation import stream_generate
 from .tolerances import (FLIP_TENSORS, FLOOR_REL, MAX_POOL_FLIPS, MAX_TIE_FRAC, MAX_TIE_FRAC_BF16, TOLERANCES, Check,
                          bf16_rounding_ties, bits_agree_where_confident, bits_check, compare, measured,
@@ -342,7 +343,7 @@ class Verifier:
                 yield self.cmp(name, self.model.vargpt_gen.sos_tokens(tr["gen.cond_BD"]))
             elif name.endswith(".proj_in_out"):
                 k = int(name.split(".")[1][1:])
-                x = self.model.image_gen_projector(self.model.vargpt_gen.word_embed(tr[f"gen.s{k}.next_in_codes"]))
+                x = next_scale_embedding(self.model, tr[f"gen.s{k}.next_in_codes"])
                 yield self.cmp(name, x.reshape(self.b[name].shape))
         # bits: the port's choice from its own (teacher-forced) logits, near-tie rule
         for name in sorted(bit_names, key=lambda s: int(s.split(".")[1][1:])):

@@ -190,7 +190,10 @@ class SelfAttention(nn.Module):
         q, k = _apply_rope_interleaved(q, cos, sin), _apply_rope_interleaved(k, cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = self.sdpa(q, k, v, cache=cache, scale=1.0, mask=mask)
+        # q, k are float32 after the float32 RoPE (upstream too: its k cache is fp32); the output goes
+        # back to x's dtype (upstream's ``oup: bf16``), else a bfloat16 model's residual stream, and
+        # with it every v cache, turned float32
+        out = self.sdpa(q, k, v, cache=cache, scale=1.0, mask=mask).astype(x.dtype)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, C))
 
 
@@ -239,7 +242,9 @@ class CrossAttention(nn.Module):
             _bf16_round(q), _bf16_round(k), _bf16_round(v),
             scale=1.0 / math.sqrt(self.head_dim), mask=memory.mask,
         )
-        out = _bf16_round(out)
+        # back in the model's dtype (float32 stays float32; a bfloat16 model keeps its activations in
+        # bfloat16, where this float32 output had turned every later scale, and its caches, float32)
+        out = _bf16_round(out).astype(v.dtype)
         Lq = out.shape[2]
         return self.proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1))
 

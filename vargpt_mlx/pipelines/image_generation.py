@@ -273,8 +273,16 @@ def get_next_autoregressive_input(model: VARGPT, summed: mx.array | None, bits: 
     if k == len(schedule) - 1:
         return summed, None, None
     codes = bsq.next_scale_input(summed, schedule[k + 1])
-    x = model.image_gen_projector(model.vargpt_gen.word_embed(codes))
+    x = next_scale_embedding(model, codes)
     return summed, mx.concatenate([x, x], axis=0), codes
+
+
+def next_scale_embedding(model: VARGPT, codes: mx.array) -> mx.array:
+    """The LLM input of a scale's codes: ``image_gen_projector(word_embed(codes))`` in the model's
+    dtype. The float32 codes are cast first, as upstream's autocast casts a linear's input (and as
+    training does): a bfloat16 model otherwise ran every later scale in float32, with float32 KV
+    caches (measured on the full-size q4 model: 2.78 GiB of caches instead of 2.02)."""
+    return model.image_gen_projector(model.vargpt_gen.word_embed(codes.astype(model.vargpt_gen.pos_start.dtype)))
 
 
 def _results(model: VARGPT, summed: mx.array, bits_per_scale: list[mx.array], schedule,
