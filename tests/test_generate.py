@@ -200,6 +200,25 @@ def test_repeat_cache_leaves_the_prefill_cache_alone(pipe):
     assert copies[0].keys.shape[0] == 3 and copies[0].offset == offset
 
 
+def test_bfloat16_model_draws_in_bfloat16(model_dir, monkeypatch):
+    """A bfloat16 model (Metal's default, or ``--dtype bfloat16``) keeps its activations in bfloat16
+    through the scale loop: KV caches in bfloat16 except Infinity's keys, which are float32 after its
+    float32 RoPE as upstream's k cache is. (Infinity's cross-attention output and the next-scale
+    codes in float32 had made every later scale float32, caches too: 1.4x their memory.)"""
+    from vargpt_mlx.loading import load_model
+
+    model = load_model(model_dir, dtype=mx.bfloat16)
+    seen = {}
+    real_repeat, real_make = ig.repeat_cache, model.vargpt_gen.make_cache
+    monkeypatch.setattr(ig, "repeat_cache", lambda *a: seen.setdefault("llm", real_repeat(*a)))
+    monkeypatch.setattr(model.vargpt_gen, "make_cache", lambda: seen.setdefault("inf", real_make()))
+    tok = api.load(model_dir).tokenizer
+    cache, hidden = ig.prefill_prompt(model, api.t2i_prompt_ids(tok, "a blue bird"))
+    ig.draw_images(model, cache, hidden, ig.GenerationSettings(seed=0), n=1, decode=False)
+    assert all(c.keys.dtype == c.values.dtype == mx.bfloat16 for c in list(cache) + seen["llm"])
+    assert all(c.keys.dtype == mx.float32 and c.values.dtype == mx.bfloat16 for c in seen["inf"])
+
+
 # ------------------------------------------------------------------------------------- prompts
 def test_t2i_prompt_uses_the_chat_template(pipe):
     ids = api.t2i_prompt_ids(pipe.tokenizer, "a red cat")
