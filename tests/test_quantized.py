@@ -247,3 +247,24 @@ def test_mlp_bfloat16_rounds_like_the_plain_path(monkeypatch):
     assert y is not None and y.dtype == ref.dtype == mx.bfloat16
     y64, r64 = np.asarray(y.astype(mx.float32), np.float64), np.asarray(ref.astype(mx.float32), np.float64)
     assert (np.abs(y64 - r64) <= 2.0**-8 * np.maximum(np.abs(y64), np.abs(r64)) + 1e-6).all()
+
+
+def test_bfloat16_few_rows_multiply_in_float32(monkeypatch):
+    """Below MIN_ROWS bf16 activations keep ``quantized_matmul`` but in float32 (MLX's bf16 CPU kernel
+    is ~9x slower), rounded once: within one bf16 rounding plus the float32 order bound of the exact
+    product of the same values."""
+    q = _layer(96, 40, 4, False)
+    q.update({k: v.astype(mx.bfloat16) for k, v in q.parameters().items() if k in ("scales", "biases")})
+    x = mx.random.normal((1, quantized.MIN_ROWS - 1, 96)).astype(mx.bfloat16)
+    dtypes = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda x, *a, **k: dtypes.append(x.dtype) or real(x, *a, **k))
+    with mx.stream(mx.cpu):
+        y = q(x)
+    assert dtypes == [mx.float32] and y.dtype == mx.bfloat16
+    x32 = x.astype(mx.float32)
+    w = np.asarray(mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32),
+                                 group_size=32, bits=4), np.float64)
+    exact = np.asarray(x32, np.float64) @ w.T
+    err = np.abs(np.asarray(y.astype(mx.float32), np.float64) - exact)
+    assert (err <= 2.0**-8 * np.abs(exact) + _bound(x32, q)).all(), err.max()

@@ -52,7 +52,9 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if not _cpu_path(x):
-            return super().__call__(x)
+            if mx.default_device() != mx.cpu or x.dtype == mx.float32:
+                return super().__call__(x)
+            return self._few_rows_float32(x)
         w = self["weight"]
         rows = max(1, CHUNK // (w.shape[-1] * 32 // self.bits))  # output features per piece
         # bfloat16 activations multiply in float32 (the CPU has no fast bf16 GEMM), rounded back after
@@ -61,6 +63,16 @@ class QuantizedLinear(nn.QuantizedLinear):
         for i in range(0, w.shape[0], rows):
             pieces.append(after := xf @ _dequantize(self, after, rows=slice(i, i + rows)).T)
         y = (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)).astype(x.dtype)
+        return y + self["bias"] if "bias" in self else y
+
+    def _few_rows_float32(self, x: mx.array) -> mx.array:
+        """``quantized_matmul`` in float32 for bfloat16 / float16 activations: MLX's CPU kernel is ~9x
+        slower in bf16 (measured, 3584x4096 q4: 86 vs 10 ms for 1 row, 344 vs 39 ms for 4, scales cast
+        per call included) and accumulates with less precision; rounded back once."""
+        s, b = self["scales"].astype(mx.float32), self.get("biases")
+        y = mx.quantized_matmul(x.astype(mx.float32), self["weight"], s, None if b is None else b.astype(mx.float32),
+                                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = y.astype(x.dtype)
         return y + self["bias"] if "bias" in self else y
 
 
