@@ -69,7 +69,8 @@ def main() -> None:
                 return -(-t // 256) * 256
 
             llm_c = llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * alloc(args.prompt_tokens + 1 + L) * itemsize
-            inf_c = inf.depth * 2 * inf.embed_dim * alloc(L) * itemsize * 2
+            # Infinity: float32 keys (after its float32 RoPE, as upstream caches them) + values in the dtype
+            inf_c = inf.depth * inf.embed_dim * alloc(L) * (4 + itemsize) * 2
             line += (f" + KV caches of one 512x512 image {(llm_c + inf_c) / GiB:.2f} GiB "
                      f"(LLM {llm_c / GiB:.2f}, Infinity {inf_c / GiB:.2f}) = {(weights + llm_c + inf_c) / GiB:.2f} GiB")
         print(line)
