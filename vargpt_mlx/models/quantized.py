@@ -52,9 +52,8 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if not _cpu_path(x):
-            if mx.default_device() != mx.cpu or x.dtype == mx.float32:
-                return super().__call__(x)
-            return self._few_rows_float32(x)
+            on_cpu_low_precision = mx.default_device() == mx.cpu and x.dtype != mx.float32
+            return self._few_rows_float32(x) if on_cpu_low_precision else super().__call__(x)
         w = self["weight"]
         rows = max(1, CHUNK // (w.shape[-1] * 32 // self.bits))  # output features per piece
         # bfloat16 activations multiply in float32 (the CPU has no fast bf16 GEMM), rounded back after

@@ -217,9 +217,9 @@ class Normalize(nn.Module):
         mean = per_group(_blocked_sum(xf, axis=1)) / n
         w, b = self.norm.weight, self.norm.bias
         fused = silu and x.dtype == mx.float32 and mx.default_device() == mx.cpu
-        if fused and _runs(xf) is not None:
-            var = per_group(_blocked_sum(_centred_squares_level1(xf, mean), axis=1)) / n
-            return _norm_silu_runs(xf, mean, mx.rsqrt(var + self.norm.eps), w, b).reshape(*lead, C)
+        if fused and (runs := _runs(xf)) is not None:
+            var = per_group(_blocked_sum(_centred_squares_level1(xf, mean, runs), axis=1)) / n
+            return _norm_silu_runs(xf, mean, mx.rsqrt(var + self.norm.eps), w, b, runs).reshape(*lead, C)
         xc = xf - mean
         var = per_group(_blocked_sum(xc * xc, axis=1)) / n
         inv = mx.rsqrt(var + self.norm.eps)
@@ -272,7 +272,7 @@ def _in_runs(fn: Callable[[slice], mx.array], runs: list[slice], axis: int, inpu
     return mx.concatenate(outs, axis=axis)
 
 
-def _centred_squares_level1(xf: mx.array, mean: mx.array) -> mx.array:
+def _centred_squares_level1(xf: mx.array, mean: mx.array, runs: list[slice]) -> mx.array:
     """``_blocked_sum``'s first level of ``(xf - mean)**2`` (blocks of 64 positions), run by run:
     the same blocks summed the same way, so the statistics are those of the unfused path."""
     B, _, C = xf.shape
@@ -281,12 +281,13 @@ def _centred_squares_level1(xf: mx.array, mean: mx.array) -> mx.array:
         xc = xf[:, run] - mean
         return (xc * xc).reshape(B, -1, _BLOCK, C).sum(axis=2)
 
-    return _in_runs(level1, _runs(xf), 1, [xf, mean])
+    return _in_runs(level1, runs, 1, [xf, mean])
 
 
-def _norm_silu_runs(xf: mx.array, mean: mx.array, inv: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+def _norm_silu_runs(xf: mx.array, mean: mx.array, inv: mx.array, weight: mx.array, bias: mx.array,
+                    runs: list[slice]) -> mx.array:
     """``silu(((xf - mean) * inv) * weight + bias)`` run by run."""
-    return _in_runs(lambda run: _affine_silu(xf[:, run] - mean, inv, weight, bias), _runs(xf), 1, [xf, mean, inv])
+    return _in_runs(lambda run: _affine_silu(xf[:, run] - mean, inv, weight, bias), runs, 1, [xf, mean, inv])
 
 
 class ResnetBlock(nn.Module):

@@ -282,7 +282,8 @@ def next_scale_embedding(model: VARGPT, codes: mx.array) -> mx.array:
     dtype. The float32 codes are cast first, as upstream's autocast casts a linear's input (and as
     training does): a bfloat16 model otherwise ran every later scale in float32, with float32 KV
     caches (measured on the full-size q4 model: 2.78 GiB of caches instead of 2.02)."""
-    return model.image_gen_projector(model.vargpt_gen.word_embed(codes.astype(model.vargpt_gen.pos_start.dtype)))
+    dtype = model.model.norm.weight.dtype  # the compute dtype (never quantized)
+    return model.image_gen_projector(model.vargpt_gen.word_embed(codes.astype(dtype)))
 
 
 def _results(model: VARGPT, summed: mx.array, bits_per_scale: list[mx.array], schedule,
