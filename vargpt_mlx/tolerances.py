@@ -102,7 +102,8 @@ MAX_TIE_FRAC = 0.01  # float32: the live configurations show at most 0.1 % of th
 MAX_TIE_FRAC_BF16 = 0.25  # bfloat16: up to ~6 % (generation) and ~12 % (VAE bits) seen: bf16 encoder
 #                           features move residuals by up to 0.06, which many VAE bits lie within
 
-# cond_BD: at most this many of its bf16 roundings may be resolved the other way. A rounding flips
+# cond_BD, float32 references: at most this many of its bf16 roundings may be resolved the other way
+# (bf16 references are left to the bf16 rule: their v carries bf16 arithmetic error). A rounding flips
 # when its midpoint falls between the port's and the reference's v, |v_port - v_ref| <= ~2 e_j (e_j:
 # the port's error against float64), i.e. with chance 2 e_j / (bf16 spacing at v_j); summed over the
 # 512 elements of the failing CI checkpoint that expects lambda = 0.23 flips per run, so Poisson gives

@@ -541,9 +541,13 @@ class Verifier:
     def pool_rounding(self) -> "PoolRounding | None":
         """The generation condition rows ``[cond; uncond]`` with the attentive pool's bfloat16 ties
         rounded as the reference's ``gen.cond_BD`` shows (tolerances.py: ``bf16_rounding_ties``).
-        None for bundles without ``gen.cond_BD`` and for bfloat16 models (computed in bf16
-        upstream, checked by the bf16 rules)."""
-        if not self.b.has("gen.cond_BD") or self._dtype() != mx.float32:
+        None (the plain check decides) for bundles without ``gen.cond_BD``, for ports computing in
+        bf16, and for references computed in bf16: there upstream's v comes from bf16 arithmetic, off
+        the exact value by up to a bf16 rounding at every element, not only at ties, so the tie count
+        MAX_POOL_FLIPS was derived for (float32 noise only) does not apply; the bf16 rule's bound, the
+        reference's own measured rounding, covers those rows (measured on the live bf16 config of
+        VARGPT_LIVE_SEED=196483, where the tie rule wanted 4 flips: 0.018 against 0.074 unresolved)."""
+        if not self.b.has("gen.cond_BD") or self._dtype() != mx.float32 or self.b.ref_dtype == "bfloat16":
             return None
         inf = self.model.vargpt_gen
         ca = inf.text_proj_for_sos.ca
