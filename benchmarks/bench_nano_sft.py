@@ -1,0 +1,93 @@
+"""Where the nano SFT stage spends its time: a drawing sample's loss (forward, forward + backward)
+with the shipped nano model, the LLM's layers one sample at a time against a batch of 8, and one
+LLM layer split into attention, MLP and the softmax's ``exp``.
+
+    python benchmarks/bench_nano_sft.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from vargpt_mlx import api
+from vargpt_mlx.models import activations
+from vargpt_mlx.training import losses
+
+T = 190  # tokens of a drawing sample: prompt + 121 image slots + the chat template around them
+
+
+def ms(f, n: int = 20, warm: int = 4) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        mx.eval(f())
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts[warm:]))
+
+
+def main():
+    print(common.machine())
+    pipe = api.load("nano")
+    model = pipe.model
+    llm = model.model
+    H = llm.norm.weight.shape[0]
+
+    # a drawing sample's loss as SFT computes it (positions as inference, Infinity's scale weights)
+    prompt = pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a red star on a blue background"}], add_generation_prompt=True)
+    tok = model.config.tokens
+    sched = pipe.schedule if hasattr(pipe, "schedule") else None
+    from vargpt_mlx import schedules
+    sched = sched or schedules.get_schedule("0.016M")
+    L = sum(h * w for h, w in sched)
+    ids = np.array([list(prompt) + [tok.image_gen_start_token_id] + [tok.image_gen_pad_token_id] * L
+                    + [tok.image_gen_end_token_id]], np.int32)
+    labels = ids.copy()
+    img = mx.random.uniform(-1, 1, (1, 128, 128, 3))
+    from vargpt_mlx.models import bsq
+    bits, x_wo_prefix, _ = bsq.encode_multiscale(model.vae_local.encode_features(img), sched)
+    gt = mx.concatenate([b.reshape(1, -1, b.shape[-1]) for b in bits], axis=1)
+
+    def loss(m):
+        return losses.sample_sft_loss(m, mx.array(ids), labels, gt_bits=gt, x_wo_prefix=x_wo_prefix,
+                                      schedule=sched, text_loss="assistant", positions="inference",
+                                      reweight=True).loss
+
+    g = nn.value_and_grad(model, loss)
+    print(f"drawing sample ({ids.shape[1]} tokens): forward {ms(lambda: loss(model)):.1f} ms, "
+          f"forward + backward {ms(lambda: g(model)):.1f} ms")
+
+    # the LLM alone: one sample against a batch of 8 (per sample)
+    for B in (1, 8):
+        x = mx.random.normal((B, T, H))
+        pos = mx.array(np.tile(np.arange(T)[None, None], (3, B, 1)))
+        gl = nn.value_and_grad(llm, lambda m, x: m(x, pos).sum())
+        f, fb = ms(lambda: llm(x, pos)) / B, ms(lambda: gl(llm, x)) / B
+        print(f"LLM {len(llm.layers)} layers, batch {B}: forward {f:.2f} ms, forward + backward {fb:.2f} ms per sample")
+
+    # one layer's parts
+    x = mx.random.normal((1, T, H))
+    pos = mx.array(np.tile(np.arange(T)[None, None], (3, 1, 1)))
+    cos, sin = llm.rotary_emb(pos, mx.float32)
+    layer = llm.layers[0]
+    att = layer.self_attn
+    hd = H // att.n_heads
+    q = mx.random.normal((1, att.n_heads, T, hd))
+    k = mx.random.normal((1, att.n_heads, T, hd))
+    print(f"one layer {ms(lambda: layer(x, cos, sin, 'causal')):.2f} ms: attention "
+          f"{ms(lambda: att(x, cos, sin, 'causal')):.2f} (its sdpa "
+          f"{ms(lambda: activations.sdpa(q, k, k, scale=hd**-0.5, mask='causal')):.2f}, MLX's fused sdpa "
+          f"{ms(lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=hd**-0.5, mask='causal')):.2f}), "
+          f"MLP {ms(lambda: layer.mlp(x)):.2f}")
+    s = q @ k.transpose(0, 1, 3, 2)
+    print(f"scores {tuple(s.shape)}: matmul {ms(lambda: q @ k.transpose(0, 1, 3, 2)):.2f} ms, MLX exp "
+          f"{ms(lambda: mx.exp(s)):.2f} ms, MLX softmax {ms(lambda: mx.softmax(s, axis=-1)):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
