@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vargpt_mlx import api
-from vargpt_mlx.models import activations
+from vargpt_mlx import api, schedules
+from vargpt_mlx.models import activations, bsq
 from vargpt_mlx.training import losses
 
 T = 190  # tokens of a drawing sample: prompt + 121 image slots + the chat template around them
@@ -41,15 +41,12 @@ def main():
     prompt = pipe.tokenizer.apply_chat_template(
         [{"role": "user", "content": "a red star on a blue background"}], add_generation_prompt=True)
     tok = model.config.tokens
-    sched = pipe.schedule if hasattr(pipe, "schedule") else None
-    from vargpt_mlx import schedules
-    sched = sched or schedules.get_schedule("0.016M")
+    sched = schedules.get_schedule("0.016M")  # the nano model's 5 scales, 128 px
     L = sum(h * w for h, w in sched)
     ids = np.array([list(prompt) + [tok.image_gen_start_token_id] + [tok.image_gen_pad_token_id] * L
                     + [tok.image_gen_end_token_id]], np.int32)
     labels = ids.copy()
     img = mx.random.uniform(-1, 1, (1, 128, 128, 3))
-    from vargpt_mlx.models import bsq
     bits, x_wo_prefix, _ = bsq.encode_multiscale(model.vae_local.encode_features(img), sched)
     gt = mx.concatenate([b.reshape(1, -1, b.shape[-1]) for b in bits], axis=1)
 
