@@ -225,8 +225,8 @@ class VAEArgs:
     # loss is 0.70 at step 100 (26 s) and 0.46 at step 400 (1.8 min). Measured, same seed, idle:
     # 128 px alone (1,500 steps) 20.5 min to loss 0.132, 21.98 dB held-out, VAE ceiling 10 % of 96
     # scenes; these phases 18.6 min to 0.126, 22.14 dB, 14 % (within noise: the gain is the time).
-    # (Tried, not kept: each ResnetBlock's conv2 zero-initialised, ahead by ~200 steps at step 900,
-    # then level by 1,350 and 21.49 dB at the end.)
+    # (Tried, not kept: each ResnetBlock's conv2 zero-initialised: ahead by ~200 steps at step 900,
+    # behind from ~1,300 on (0.150 vs 0.143 at 1,350), 21.49 dB at the end.)
     phases: tuple = ((32, 16, 400), (64, 8, 200), (128, 4, 1100))
     lr: float = 2e-4  # measured: 2e-3 and 4e-4 stalled at the predict-the-mean loss; 1e-4..2e-4 learn
     seed: int = 0
@@ -537,7 +537,7 @@ def make_data(out: Path, args: DataArgs = DataArgs(), log: Log = print) -> dict:
 # ---------------------------------------------------------------------------- stage 2: SFT
 @dataclass
 class SFTArgs:
-    iters: int = 4000  # 0.37 s per step idle (the shipped run's count; 3,700 while the VAE stage took 20.5 min)
+    iters: int = 4000  # 0.37-0.42 s per step idle (two runs); the shipped run's count (3,700 while the VAE took 20.5 min)
     batch_size: int = 8
     lr: float = 7e-4
     warmup: int = 100
