@@ -7,6 +7,7 @@ LLM layer split into attention, MLP and the softmax's ``exp``.
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import common  # noqa: F401  (puts the repo on sys.path)
@@ -14,9 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vargpt_mlx import api, schedules
-from vargpt_mlx.models import activations, bsq
-from vargpt_mlx.training import losses
+from vargpt_mlx import api
+from vargpt_mlx.models import activations
+from vargpt_mlx.nano import recipe, world
+from vargpt_mlx.training import run
+from vargpt_mlx.training.data import TargetCache, load_sft_records
 
 T = 190  # tokens of a drawing sample: prompt + 121 image slots + the chat template around them
 
@@ -37,26 +40,13 @@ def main():
     llm = model.model
     H = llm.norm.weight.shape[0]
 
-    # a drawing sample's loss as SFT computes it (positions as inference, Infinity's scale weights)
-    prompt = pipe.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "a red star on a blue background"}], add_generation_prompt=True)
-    tok = model.config.tokens
-    sched = schedules.get_schedule("0.016M")  # the nano model's 5 scales, 128 px
-    L = sum(h * w for h, w in sched)
-    ids = np.array([list(prompt) + [tok.image_gen_start_token_id] + [tok.image_gen_pad_token_id] * L
-                    + [tok.image_gen_end_token_id]], np.int32)
-    labels = ids.copy()
-    img = mx.random.uniform(-1, 1, (1, 128, 128, 3))
-    bits, x_wo_prefix, _ = bsq.encode_multiscale(model.vae_local.encode_features(img), sched)
-    gt = mx.concatenate([b.reshape(1, -1, b.shape[-1]) for b in bits], axis=1)
-
-    def loss(m):
-        return losses.sample_sft_loss(m, mx.array(ids), labels, gt_bits=gt, x_wo_prefix=x_wo_prefix,
-                                      schedule=sched, text_loss="assistant", positions="inference",
-                                      reweight=True).loss
-
-    g = nn.value_and_grad(model, loss)
-    print(f"drawing sample ({ids.shape[1]} tokens): forward {ms(lambda: loss(model)):.1f} ms, "
+    # a drawing sample of the world, through the trainer's encoder and the recipe's SFT loss
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = world.write_dataset(tmp, seed=0, split="train", n_und=0, n_t2i=1, n_edit=0, n_dpo_img=0, n_dpo_txt=0)
+        item = run.sft_items(pipe, load_sft_records(paths["t2i"], pipe.processor), TargetCache())[0]
+    task = recipe.NanoTask(pipe.processor, [item], None, p_uncond=0.0, seed=0, reweight=recipe.SFTArgs.reweight)
+    g = nn.value_and_grad(model, lambda m: task.item_loss(m, item)[0])
+    print(f"drawing sample ({item.sample.num_tokens} tokens): forward {ms(lambda: task.item_loss(model, item)[0]):.1f} ms, "
           f"forward + backward {ms(lambda: g(model)):.1f} ms")
 
     # the LLM alone: one sample against a batch of 8 (per sample)
