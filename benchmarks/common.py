@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import vargpt_mlx  # noqa: E402,F401  (before numpy, as in the command line: see vargpt_mlx/__init__.py)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 

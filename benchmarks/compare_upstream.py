@@ -231,6 +231,7 @@ def upstream_side(a) -> dict:
 
 # ============================================================================ the port
 def port_side(a) -> dict:
+    import vargpt_mlx  # noqa: F401  (first, as in the command line: its numpy import settings)
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten

@@ -316,3 +316,32 @@ def test_cpu_attention_in_another_thread(monkeypatch):
     worker.start()
     worker.join()
     assert len(errors) == 2 and max(errors) <= bound, errors
+
+
+def test_linear_decoding_matrix_vector_path():
+    """``models.linear.Linear`` inside ``decoding()``: one row through numpy's matrix-vector
+    product, within the float32 error bound of two length-K dot products in different orders
+    (each within K * 2**-24 * sum |x_i w_i| of the exact one, so their difference within twice
+    that); outside ``decoding()``, or with several rows, exactly ``nn.Linear``."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from vargpt_mlx.models import linear
+
+    mx.random.seed(0)
+    lin = linear.Linear(1024, 512, bias=True)
+    ref = nn.Linear(1024, 512, bias=True)
+    ref.update(lin.parameters())
+    assert lin.weight.nbytes >= linear.MIN_BYTES
+    x = mx.random.normal((1, 1, 1024))
+    assert mx.array_equal(lin(x), ref(x))
+    with linear.decoding():
+        y = lin(x)
+        x4 = mx.random.normal((1, 4, 1024))
+        assert mx.array_equal(lin(x4), ref(x4))  # several rows: MLX's matmul
+    assert y.shape == (1, 1, 512) and y.dtype == mx.float32
+    xn, wn = np.asarray(x).reshape(1, -1), np.asarray(lin.weight)
+    assert np.array_equal(np.asarray(y).reshape(1, -1), xn @ wn.T + np.asarray(lin.bias))  # numpy's product ran
+    bound = 2 * 1024 * 2.0**-24 * (np.abs(xn) @ np.abs(wn).T) + 2.0**-24 * np.abs(np.asarray(ref(x)).reshape(1, -1))
+    assert (np.abs(np.asarray(y) - np.asarray(ref(x))).reshape(1, -1) <= bound).all()  # (+ the bias add's rounding)

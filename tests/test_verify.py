@@ -443,3 +443,15 @@ def test_pool_ties_not_resolved_for_a_bf16_reference(bundle, monkeypatch):
     assert verifier.pool_rounding() is not None
     monkeypatch.setattr(verifier.b, "ref_dtype", "bfloat16")  # undone after the test: the bundle is shared
     assert verifier.pool_rounding() is None
+
+
+def test_verify_public_bundle_with_decoding_matrix_vector_path(monkeypatch):
+    """The fixture's layers are below ``models.linear.MIN_BYTES``, so the default run above keeps
+    MLX's matmul: with the threshold at 0, every decoding step (greedy, repetition penalty, chat
+    templates) takes the numpy matrix-vector path the real model's decoding takes, and every
+    check still passes."""
+    from vargpt_mlx.models import linear
+
+    monkeypatch.setattr(linear, "MIN_BYTES", 0)
+    failed = [c for _, c in verify(CKPT, REFS) if not c.ok]
+    assert not failed, failed

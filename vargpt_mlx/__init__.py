@@ -10,8 +10,21 @@ lives in this namespace) starts without loading MLX / mlx-lm for ``--help`` or a
 """
 
 import importlib
+import os
 import sys
 import types
+
+if sys.platform == "linux" and "numpy" not in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
+    # numpy's own OpenBLAS (the matrix-vector products of text decoding, models/linear.py) keeps its
+    # threads spinning for about a second after each call, taking both cores from MLX's next matmuls
+    # (measured: a 256-token prefill right after decoding 569-574 tokens/s instead of 701-709). Its
+    # threads read this variable once, when numpy loads: set for that import only, so MLX's BLAS and
+    # child processes keep their own settings.
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    try:
+        import numpy  # noqa: F401
+    finally:
+        del os.environ["OPENBLAS_THREAD_TIMEOUT"]
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
+from .models.linear import decoding
 from .models.qwen2 import Qwen2Model
 
 # mlx_lm's repetition processor looks at the last ``context_size`` tokens; HF penalises every token
@@ -82,7 +83,8 @@ def generate_step(hidden: mx.array, feed: Callable[[int], mx.array], lm_head: Ca
     """
     history = mx.array(list(history), dtype=mx.int32)
     while True:
-        logits = lm_head(hidden[:, -1, :]).astype(mx.float32)
+        with decoding():  # one-row products as BLAS matrix-vector products (models.linear)
+            logits = lm_head(hidden[:, -1, :]).astype(mx.float32)
         raw = logits[0]  # taken first: mlx_lm processors update ``logits`` in place
         for processor in logits_processors:
             logits = processor(history, logits)
@@ -93,7 +95,8 @@ def generate_step(hidden: mx.array, feed: Callable[[int], mx.array], lm_head: Ca
         token_id = int(token.item())
         yield token_id, raw
         history = mx.concatenate([history, mx.array([token_id], dtype=mx.int32)])
-        hidden = feed(token_id)
+        with decoding():
+            hidden = feed(token_id)
 
 
 def stream_generate(llm: Qwen2Model, lm_head: Callable[[mx.array], mx.array], inputs_embeds: mx.array,

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..config import LLMConfig
 from . import activations, quantized
+from .linear import Linear
 
 # Upstream ``model.*`` keys (prefix stripped) this port knowingly drops: none.
 DROPPED: tuple[str, ...] = ()
@@ -86,10 +87,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.scale = head_dim**-0.5
-        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, self.n_heads * head_dim, bias=True)
+        self.k_proj = Linear(dim, self.n_kv_heads * head_dim, bias=True)
+        self.v_proj = Linear(dim, self.n_kv_heads * head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * head_dim, dim, bias=False)
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: Any = None,
                  cache: Any = None) -> mx.array:
@@ -109,9 +110,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = quantized.mlp(x, [self.gate_proj, self.up_proj], activations.swiglu, self.down_proj)

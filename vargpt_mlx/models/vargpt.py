@@ -28,6 +28,7 @@ from . import projectors as projectors_mod
 from . import qwen2 as qwen2_mod
 from . import vae as vae_mod
 from . import vision as vision_mod
+from .linear import Linear
 from .rope_index import get_rope_index
 
 # prefix -> module implementing that part's sanitize/DROPPED
@@ -50,7 +51,7 @@ class VARGPT(nn.Module):
         C = config.infinity.embed_dim
         self.visual = vision_mod.VisionTransformer(config.vision)
         self.model = qwen2_mod.Qwen2Model(config.llm)
-        self.lm_head = nn.Linear(H, config.llm.vocab_size, bias=False)
+        self.lm_head = Linear(H, config.llm.vocab_size, bias=False)
         self.vargpt_gen = infinity_mod.Infinity(config.infinity)
         self.vae_local = vae_mod.BSQVAE(config.vae)
         # upstream's table has image_gen_start_token_id + 1 rows and only ever reads the last one
