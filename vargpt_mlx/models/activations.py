@@ -216,11 +216,15 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None, cach
                 qc = q[:, :, :, s:e]
                 if i >= len(streams):  # after this stream's previous chunk: one chunk's scores per stream
                     qc = mx.depends(qc, outs[i - len(streams)])
-                sc = qc @ kt
                 if isinstance(mask, str):  # "causal": query i sees keys j <= i + S - L
+                    # keys past the chunk's last visible one would only get exp(-inf) = 0: left out
+                    n = min(S, e + S - L)
                     last = mx.arange(s + S - L, e + S - L)[:, None]
-                    sc = mx.where(mx.arange(S)[None] <= last, sc, -math.inf)
-                elif m is not None:
+                    sc = mx.where(mx.arange(n)[None] <= last, qc @ kt[..., :n], -math.inf)
+                    outs.append(_softmax_f32(sc) @ v[..., :n, :])
+                    continue
+                sc = qc @ kt
+                if m is not None:
                     mc = m[..., s:e, :] if m.shape[-2] != 1 else m
                     sc = mx.where(mc, sc, -math.inf) if mc.dtype == mx.bool_ else sc + mc
                 outs.append(_softmax_f32(sc) @ v)
