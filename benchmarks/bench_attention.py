@@ -8,11 +8,9 @@ port's causal path before), and MLX's fused kernel, side by side.
 
 from __future__ import annotations
 
-import time
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # puts the repo on sys.path; the timing helper
 import mlx.core as mx
-import numpy as np
 
 from vargpt_mlx.models import activations
 
@@ -22,12 +20,7 @@ SHAPES = [(256, 256), (1024, 1024), (576, 1560), (1024, 2560)]
 
 
 def ms(f, n: int = 9, warm: int = 2) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        mx.eval(f())
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts[warm:]))
+    return common.median_ms(f, n, warm)
 
 
 def main():

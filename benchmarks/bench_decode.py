@@ -7,12 +7,10 @@
 
 from __future__ import annotations
 
-import time
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # puts the repo on sys.path; the timing helper
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from vargpt_mlx.models import linear
 
@@ -21,12 +19,7 @@ SHAPES = [  # (in, out): the medium comparison's LLM (896 wide), Qwen2-7B's atte
 
 
 def ms(f, n: int = 30, warm: int = 5) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        mx.eval(f())
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts[warm:]))
+    return common.median_ms(f, n, warm)
 
 
 def main():

@@ -8,9 +8,8 @@ LLM layer split into attention, MLP and the softmax's ``exp``.
 from __future__ import annotations
 
 import tempfile
-import time
 
-import common  # noqa: F401  (puts the repo on sys.path)
+import common  # puts the repo on sys.path; the timing helper
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -25,12 +24,7 @@ T = 190  # tokens of a drawing sample: prompt + 121 image slots + the chat templ
 
 
 def ms(f, n: int = 20, warm: int = 4) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        mx.eval(f())
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts[warm:]))
+    return common.median_ms(f, n, warm)
 
 
 def main():

@@ -143,6 +143,18 @@ def fmt_mem(m: dict) -> str:
             f"process max RSS {m['max_rss_gib']:.2f} GiB")
 
 
+def median_ms(f, n: int, warm: int) -> float:
+    """Median milliseconds of ``mx.eval(f())`` over ``n`` calls after the first ``warm``."""
+    import time
+
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        mx.eval(f())
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts[warm:]))
+
+
 def machine() -> str:
     import os
     import platform

@@ -26,7 +26,6 @@ import numpy as np
 
 from vargpt_mlx import api, schedules
 from vargpt_mlx.models import bsq
-from vargpt_mlx.nano import evaluate as ev
 from vargpt_mlx.nano import recipe, world
 
 CELL = 16  # the VAE's downsampling: one latent cell per 16x16 patch
@@ -46,11 +45,8 @@ def images(rows: np.ndarray) -> np.ndarray:
 
 
 def score(rec: np.ndarray, gt: np.ndarray, scenes: list) -> str:
-    found = [ev.analyze(r) for r in rec]
-    ok = np.mean([ev.scene_matches(f, ev.as_spec(s)) for f, s in zip(found, scenes)])
-    shapes = np.mean([ev.generation_parts(f, s)["shapes"] for f, s in zip(found, scenes)])
-    psnr = np.mean([recipe.psnr(a, b) for a, b in zip(gt, rec)])
-    return f"{100 * ok:5.1f} % | {100 * shapes:5.1f} % | {psnr:5.2f} dB"
+    r = recipe.score_scenes(rec, gt, scenes)
+    return f"{100 * r['all']:5.1f} % | {100 * r['shapes']:5.1f} % | {r['psnr']:5.2f} dB"
 
 
 def lloyd_max(train: np.ndarray, levels: int, iters: int = 20) -> np.ndarray:
@@ -98,9 +94,7 @@ def main():
     _, sv, vt = np.linalg.svd(sub, full_matrices=False)
     sd = sv / np.sqrt(len(sub))  # per-coefficient standard deviation
 
-    rng = np.random.default_rng(5)  # recipe.eval_vae_scenes' scenes
-    scenes = [world.sample_scene(rng, "heldout") for _ in range(a.scenes)]
-    gt = np.stack([np.asarray(world.render(s, recipe.IMAGE_SIZE, rng)) for s in scenes])
+    scenes, gt = recipe.heldout_scenes(a.scenes)  # recipe.eval_vae_scenes' scenes
     q = patches(gt.astype(np.float32))
 
     print(f"\n{a.scenes} held-out scenes; the BSQ schedule {sched} spends {bits:.0f} bits per 16x16 patch\n")

@@ -279,21 +279,31 @@ def eval_vae(vae: BSQVAE, n: int = 64, seed: int = 999, split: str = "heldout") 
     return float(np.mean(vals))
 
 
-def eval_vae_scenes(vae: BSQVAE, n: int = 48, seed: int = 5) -> dict:
-    """The ceiling the VAE puts on drawing: the pixel evaluator on ``vae_reconstruct`` of ``n``
-    held-out ground-truth scenes (all attributes, as ``check_generation`` of a Scene), with the
-    parts (``evaluate.generation_parts``) and the mean PSNR."""
-    from . import evaluate as ev
-
+def heldout_scenes(n: int, seed: int = 5) -> tuple[list, np.ndarray]:
+    """``n`` held-out scenes and their uint8 renders: the ones ``eval_vae_scenes`` scores."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, "heldout") for _ in range(n)]
-    imgs = np.stack([np.asarray(world.render(sc, IMAGE_SIZE, rng)) for sc in scenes])
-    rec = _reconstructions(vae, imgs)
+    return scenes, np.stack([np.asarray(world.render(sc, IMAGE_SIZE, rng)) for sc in scenes])
+
+
+def score_scenes(rec: np.ndarray, imgs: np.ndarray, scenes: list) -> dict:
+    """The pixel evaluator on reconstructions ``rec`` of the renders ``imgs`` of ``scenes``: the
+    share read right whole (as ``check_generation`` of a Scene), the parts
+    (``evaluate.generation_parts``) and the mean PSNR."""
+    from . import evaluate as ev
+
     found = [ev.analyze(r) for r in rec]
     ok = [ev.scene_matches(f, ev.as_spec(sc)) for f, sc in zip(found, scenes)]
     parts = [ev.generation_parts(f, sc) for f, sc in zip(found, scenes)]
     return {"all": float(np.mean(ok)), **{k: float(np.mean([p[k] for p in parts])) for k in parts[0]},
-            "psnr": float(np.mean([psnr(g, r) for g, r in zip(imgs, rec)])), "n": n}
+            "psnr": float(np.mean([psnr(g, r) for g, r in zip(imgs, rec)])), "n": len(scenes)}
+
+
+def eval_vae_scenes(vae: BSQVAE, n: int = 48, seed: int = 5) -> dict:
+    """The ceiling the VAE puts on drawing: ``score_scenes`` of ``vae_reconstruct`` on ``n``
+    held-out ground-truth scenes."""
+    scenes, imgs = heldout_scenes(n, seed)
+    return score_scenes(_reconstructions(vae, imgs), imgs, scenes)
 
 
 def train_vae(out: Path, args: VAEArgs = VAEArgs(), log: Log = print) -> BSQVAE:
